@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unipic-jax",
+    version="0.1.0",
+    description="JAX/Flax port of Skywork UniPic-1: text-to-image, editing and image-to-text",
+    packages=find_packages(include=["unipic_jax", "unipic_jax.*", "convert", "convert.*", "configs", "configs.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "chex==0.1.92",
+        "ml-collections==1.1.0",
+        "ml_dtypes",
+        "numpy",
+        "safetensors==0.8.0",
+        "transformers==5.23.0",
+        "grain==0.2.18",
+        "tensorflow-datasets==4.9.10",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={"test": ["pytest", "torch==2.13.0"]},
+    entry_points={"console_scripts": ["unipic-jax=unipic_jax.cli:main"]},
+)
