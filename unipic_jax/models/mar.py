@@ -1,0 +1,311 @@
+"""MAR encoder and decoder (reference-spec §3): timm ViT blocks around a masked-token canvas.
+
+The encoder embeds the known latent tokens, prepends `buffer_size` buffer tokens (UniPic fills
+every buffer slot with `fake_latent`), adds its position table, drops the masked tokens and runs
+its blocks. The decoder writes the encoder tokens back onto a full-length canvas (`mask_token`, or
+the embedded source-image features when editing), runs its blocks and returns one conditioning
+vector per image token for the diffusion head (`diffloss.*`, another module).
+
+Static shapes: the number of visible tokens is a Python int and the kept positions come from a
+stable sort of the mask, so one compilation serves every mask with the same count. Masks are
+float or bool with 1 = masked/unknown, 0 = known; sequences are raster (row-major) order.
+
+Position tables are laid out like the PyTorch ones (`(1, buffer + seq_h*seq_w, D)`, buffer rows
+first); at another latent grid their image rows are resized bilinearly as `F.interpolate(...,
+mode="bilinear", align_corners=False)` does, without antialiasing (the 1024-px path of a 512-px
+MAR). Param names follow the PyTorch state dict (`encoder_blocks.3.attn.qkv` is
+`encoder_blocks_3/attn/qkv`). LayerNorm statistics and the softmax run in float32 whatever the
+compute `dtype`; params are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Grid = tuple[int, int]
+
+_embed_init = nn.initializers.normal(0.02)  # pos-embeds, fake_latent, mask_token, class_emb
+
+
+@dataclasses.dataclass(frozen=True)
+class MARConfig:
+    """The `mar` section of configs/unipic_1p5b.py.
+
+    The native latent grid is `img_size // vae_stride // patch_size` on each side; `token_dim` is
+    the VAE latent width times `patch_size**2`. `class_num`, `mask_ratio_min` and
+    `diffusion_batch_mul` do not enter the encoder/decoder forward (class_num sizes the unused
+    `class_emb`; the others belong to training).
+    """
+
+    img_size: int
+    vae_stride: int
+    patch_size: int
+    token_dim: int
+    encoder_dim: int
+    encoder_depth: int
+    encoder_heads: int
+    decoder_dim: int
+    decoder_depth: int
+    decoder_heads: int
+    mlp_ratio: int
+    buffer_size: int
+    class_num: int
+    ln_eps: float
+    mask_ratio_min: float
+    diffusion_batch_mul: int
+
+    @property
+    def grid(self) -> Grid:
+        """The native latent grid (seq_h, seq_w) the position tables were learned at."""
+        side = self.img_size // self.vae_stride // self.patch_size
+        return (side, side)
+
+    @property
+    def seq_len(self) -> int:
+        """Image tokens at the native grid."""
+        return self.grid[0] * self.grid[1]
+
+
+def _layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+    """PyTorch LayerNorm: two-pass (biased) variance, float32 statistics."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def _dense(features: int, dtype: Dtype, name: Optional[str] = None) -> nn.Dense:
+    """nn.Linear with bias; xavier-uniform/zero init as the reference's `initialize_weights`."""
+    return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+
+class Attention(nn.Module):
+    """timm Attention: fused qkv (rows [q | k | v], heads contiguous in each), no mask."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bld):
+        b, l, d = x_bld.shape
+        head_dim = d // self.num_heads
+        qkv = _dense(3 * d, self.dtype, "qkv")(x_bld).reshape(b, l, 3, self.num_heads, head_dim)
+        q_blnh, k_blnh, v_blnh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh * head_dim ** -0.5, k_blnh)
+        weights_bnqk = jax.nn.softmax(logits_bnqk.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out_blnh = jnp.einsum("bnqk,bknh->bqnh", weights_bnqk, v_blnh)
+        return _dense(d, self.dtype, "proj")(out_blnh.reshape(b, l, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bld):
+        h = nn.gelu(_dense(self.hidden, self.dtype, "fc1")(x_bld), approximate=False)
+        return _dense(x_bld.shape[-1], self.dtype, "fc2")(h)
+
+
+class Block(nn.Module):
+    """timm 0.9.12 `vision_transformer.Block` as MAR builds it: pre-LN, no LayerScale/DropPath.
+
+    Dropout is absent: the reference runs it only in training (rate 0.1).
+    """
+
+    num_heads: int
+    mlp_ratio: int
+    ln_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bld):
+        d = x_bld.shape[-1]
+        x_bld = x_bld + Attention(self.num_heads, self.dtype, name="attn")(
+            _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld))
+        return x_bld + Mlp(self.mlp_ratio * d, self.dtype, name="mlp")(
+            _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld))
+
+
+def _bilinear_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) matrix of 1-D bilinear weights, `F.interpolate(align_corners=False)` without
+    antialiasing, computed in float32 as PyTorch's CPU kernel does.
+
+    Output `o` samples `s = max((o + 0.5) * src / dst - 0.5, 0)` from inputs `floor(s)` and
+    `min(floor(s) + 1, src - 1)` with weights `1 - frac(s)`, `frac(s)`.
+    """
+    scale = np.float32(src) / np.float32(dst)
+    s = np.maximum(scale * (np.arange(dst, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                   np.float32(0))
+    i0 = s.astype(np.int64)
+    i1 = np.minimum(i0 + 1, src - 1)
+    frac = s - i0.astype(np.float32)
+    weights = np.zeros((dst, src), np.float32)
+    np.add.at(weights, (np.arange(dst), i0), np.float32(1) - frac)
+    np.add.at(weights, (np.arange(dst), i1), frac)
+    return weights
+
+
+def resize_pos_embed(table_1ld, src_hw: Grid, dst_hw: Grid):
+    """A learned position table at another latent grid.
+
+    `table_1ld` is `(1, buffer + src_h*src_w, D)`: buffer rows first (any number, inferred from
+    the length; 0 for the diffusion table), then image rows in raster order of `src_hw`. The
+    image rows are resized to `dst_hw` with PyTorch's bilinear `F.interpolate(align_corners=False)`
+    and no antialiasing, also when shrinking (separable, float32); the buffer rows are kept as
+    they are. Returns `(1, buffer + dst_h*dst_w, D)`; the table itself when the grids agree.
+    """
+    (src_h, src_w), (dst_h, dst_w) = tuple(src_hw), tuple(dst_hw)
+    if (src_h, src_w) == (dst_h, dst_w):
+        return table_1ld
+    _, length, d = table_1ld.shape
+    num_buffer = length - src_h * src_w
+    if num_buffer < 0:
+        raise ValueError(f"position table of length {length} is shorter than the {src_h}x{src_w} grid")
+    image_hwd = table_1ld[0, num_buffer:].astype(jnp.float32).reshape(src_h, src_w, d)
+    resized_hwd = jnp.einsum("ya,xb,abd->yxd", _bilinear_weights(src_h, dst_h),
+                             _bilinear_weights(src_w, dst_w), image_hwd,
+                             precision=jax.lax.Precision.HIGHEST)
+    resized_1ld = resized_hwd.reshape(1, dst_h * dst_w, d).astype(table_1ld.dtype)
+    return jnp.concatenate([table_1ld[:, :num_buffer], resized_1ld], axis=1)
+
+
+def visible_positions(mask_bl, num_visible: int):
+    """(b, num_visible) int32: raster positions of the visible (mask == 0) tokens, ascending.
+
+    A stable sort puts visible tokens first in raster order, so every row must hold exactly
+    `num_visible` visible tokens (as everywhere in the reference); no boolean gather.
+    """
+    order_bl = jnp.argsort((mask_bl != 0).astype(jnp.int32), axis=-1, stable=True)
+    return order_bl[:, :num_visible].astype(jnp.int32)
+
+
+class MAR(nn.Module):
+    """MAR encoder/decoder (no diffusion head). `encode` and `decode` are the reference's
+    `forward_mae_encoder` (with `fake_latent` as class embedding) and `forward_mae_decoder`."""
+
+    config: MARConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        block = functools.partial(Block, mlp_ratio=c.mlp_ratio, ln_eps=c.ln_eps, dtype=self.dtype)
+        image_len = c.seq_len
+        self.z_proj = _dense(c.encoder_dim, self.dtype)
+        self.z_proj_ln = _layer_norm(c.ln_eps, self.dtype)
+        self.fake_latent = self.param("fake_latent", _embed_init, (1, c.encoder_dim))
+        # Unused by UniPic; kept so a checkpoint round-trips unchanged.
+        self.class_emb = self.param("class_emb", _embed_init, (c.class_num, c.encoder_dim))
+        self.encoder_pos_embed_learned = self.param(
+            "encoder_pos_embed_learned", _embed_init, (1, c.buffer_size + image_len, c.encoder_dim))
+        self.encoder_blocks = [block(c.encoder_heads) for _ in range(c.encoder_depth)]
+        self.encoder_norm = _layer_norm(c.ln_eps, self.dtype)
+        self.decoder_embed = _dense(c.decoder_dim, self.dtype)
+        self.mask_token = self.param("mask_token", _embed_init, (1, 1, c.decoder_dim))
+        self.decoder_pos_embed_learned = self.param(
+            "decoder_pos_embed_learned", _embed_init, (1, c.buffer_size + image_len, c.decoder_dim))
+        self.decoder_blocks = [block(c.decoder_heads) for _ in range(c.decoder_depth)]
+        self.decoder_norm = _layer_norm(c.ln_eps, self.dtype)
+        self.diffusion_pos_embed_learned = self.param(
+            "diffusion_pos_embed_learned", _embed_init, (1, image_len, c.decoder_dim))
+
+    def _grid(self, image_shape: Optional[Grid], image_len: int) -> Grid:
+        grid = self.config.grid if image_shape is None else tuple(image_shape)
+        if grid[0] * grid[1] != image_len:
+            raise ValueError(f"{image_len} image tokens do not fill a {grid[0]}x{grid[1]} grid")
+        return grid
+
+    def _pos_embed(self, table_1ld, grid: Grid):
+        return resize_pos_embed(table_1ld, self.config.grid, grid).astype(self.dtype)
+
+    def _kept_positions(self, mask_bl, num_visible: int):
+        """(b, buffer + num_visible) canvas positions the encoder keeps: buffer, then visible."""
+        buffer = self.config.buffer_size
+        buffer_bk = jnp.broadcast_to(jnp.arange(buffer, dtype=jnp.int32), (mask_bl.shape[0], buffer))
+        return jnp.concatenate([buffer_bk, buffer + visible_positions(mask_bl, num_visible)], axis=1)
+
+    def encode(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None):
+        """Tokens (b, h*w, token_dim) and mask (b, h*w) -> (b, buffer + num_visible, encoder_dim).
+
+        `num_visible` (a Python int) is the number of zeros in every mask row; `image_shape` is the
+        latent grid (h, w), None for the native one. Output order: buffer tokens, then the visible
+        tokens in raster order.
+        """
+        c = self.config
+        b, image_len, _ = x_blc.shape
+        grid = self._grid(image_shape, image_len)
+        x_bld = self.z_proj(x_blc)
+        buffer_bld = jnp.broadcast_to(self.fake_latent.astype(x_bld.dtype)[None],
+                                      (b, c.buffer_size, c.encoder_dim))
+        x_bld = jnp.concatenate([buffer_bld, x_bld], axis=1)
+        x_bld = x_bld + self._pos_embed(self.encoder_pos_embed_learned, grid)
+        x_bld = self.z_proj_ln(x_bld)
+        kept_bk = self._kept_positions(mask_bl, num_visible)
+        x_bkd = jnp.take_along_axis(x_bld, kept_bk[:, :, None], axis=1)
+        for blk in self.encoder_blocks:
+            x_bkd = blk(x_bkd)
+        return self.encoder_norm(x_bkd)
+
+    def decode(self, x_enc_bkd, mask_bl, image_shape: Optional[Grid] = None, x_con_bsd=None):
+        """Encoder output (b, buffer + V, encoder_dim) and mask -> (b, h*w, decoder_dim).
+
+        The canvas is `mask_token` everywhere, or `decoder_embed(x_con_bsd)` when a full-length
+        (b, buffer + h*w, encoder_dim) source-image encoding is given (editing); the encoder
+        tokens are written at the buffer and visible positions. V is read from the shape.
+        """
+        c = self.config
+        b, kept, _ = x_enc_bkd.shape
+        image_len = mask_bl.shape[1]
+        grid = self._grid(image_shape, image_len)
+        x_bkd = self.decoder_embed(x_enc_bkd)
+        if x_con_bsd is None:
+            canvas_bsd = jnp.broadcast_to(self.mask_token.astype(x_bkd.dtype),
+                                          (b, c.buffer_size + image_len, c.decoder_dim))
+        else:
+            canvas_bsd = self.decoder_embed(x_con_bsd)
+        kept_bk = self._kept_positions(mask_bl, kept - c.buffer_size)
+        x_bsd = canvas_bsd.at[jnp.arange(b)[:, None], kept_bk].set(x_bkd)
+        x_bsd = x_bsd + self._pos_embed(self.decoder_pos_embed_learned, grid)
+        for blk in self.decoder_blocks:
+            x_bsd = blk(x_bsd)
+        x_bld = self.decoder_norm(x_bsd)[:, c.buffer_size:]
+        return x_bld + self._pos_embed(self.diffusion_pos_embed_learned, grid)
+
+    def __call__(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None):
+        """encode then decode (what `init` runs)."""
+        return self.decode(self.encode(x_blc, mask_bl, num_visible, image_shape), mask_bl, image_shape)
+
+
+def param_shapes(config: MARConfig) -> dict:
+    """The 'params' tree of `MAR(config)` as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+    model = MAR(config)
+    image_len = config.seq_len
+    x = jax.ShapeDtypeStruct((1, image_len, config.token_dim), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, image_len), jnp.float32)
+
+    def init(x_blc, mask_bl):
+        return model.init(jax.random.key(0), x_blc, mask_bl, image_len)
+
+    return jax.eval_shape(init, x, mask)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_visible", "image_shape"))
+def apply_encode(model: MAR, params, x_blc, mask_bl, num_visible: int,
+                 image_shape: Optional[Grid] = None):
+    """Jitted `MAR.encode`; compiles once per (model, input shapes, num_visible, image_shape)."""
+    return model.apply({"params": params}, x_blc, mask_bl, num_visible, image_shape, method=MAR.encode)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def apply_decode(model: MAR, params, x_enc_bkd, mask_bl, image_shape: Optional[Grid] = None,
+                 x_con_bsd=None):
+    """Jitted `MAR.decode`; compiles once per (model, input shapes, image_shape, x_con given)."""
+    return model.apply({"params": params}, x_enc_bkd, mask_bl, image_shape, x_con_bsd,
+                       method=MAR.decode)
