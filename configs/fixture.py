@@ -52,7 +52,8 @@ def qwen2_section(hf: dict) -> dict:
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        rope_theta=float(hf["rope_theta"]), rms_eps=hf["rms_norm_eps"],
+        rope_theta=float(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
+        rms_eps=hf["rms_norm_eps"],
         tie_embeddings=hf.get("tie_word_embeddings", True),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
     )
