@@ -1,4 +1,4 @@
-"""Shared test set-up: float32 at the highest matmul precision, and the fixture root.
+"""Shared test set-up: float32 at the highest matmul precision, 8 CPU devices, the fixture root.
 
 The fixtures are copied from the official PyTorch reference runs (tests/fixtures); set
 UNIPIC_FIXTURES to run the same tests on another fixture set (other sizes and seeds).
@@ -11,6 +11,9 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Eight host devices so sharding tests can build real meshes in-process; computations that are not
+# sharded explicitly still run on device 0. Must happen before the first backend use.
+jax.config.update("jax_num_cpu_devices", 8)
 
 FIXTURE_ROOT = Path(os.environ.get("UNIPIC_FIXTURES", Path(__file__).parent / "fixtures"))
 
