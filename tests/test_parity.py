@@ -11,7 +11,7 @@ from unipic_jax import parity
 
 from conftest import FIXTURE_ROOT
 
-SUPPORTED = ["vae", "mar", "qwen2", "siglip"]
+SUPPORTED = ["vae", "mar", "qwen2", "siglip", "unipic"]
 
 
 @pytest.mark.parametrize("component", SUPPORTED)

@@ -9,6 +9,8 @@ vector per image token for the diffusion head (`diffloss.*`, another module).
 Static shapes: the number of visible tokens is a Python int and the kept positions come from a
 stable sort of the mask, so one compilation serves every mask with the same count. Masks are
 float or bool with 1 = masked/unknown, 0 = known; sequences are raster (row-major) order.
+`encode_at` / `decode_at` take the kept positions instead of a mask (a sampler derives them from its
+generation orders) and accept padding slots, so a bucket of visible counts shares one compilation.
 
 Position tables are laid out like the PyTorch ones (`(1, buffer + seq_h*seq_w, D)`, buffer rows
 first); at another latent grid their image rows are resized bilinearly as `F.interpolate(...,
@@ -91,13 +93,16 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bld):
+    def __call__(self, x_bld, key_mask_bl=None):
+        """`key_mask_bl` (b, l) bool, False for padding slots no token may attend to (None: all)."""
         b, l, d = x_bld.shape
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, "qkv")(x_bld).reshape(b, l, 3, self.num_heads, head_dim)
         q_blnh, k_blnh, v_blnh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh * head_dim ** -0.5, k_blnh)
-        weights_bnqk = jax.nn.softmax(logits_bnqk.astype(jnp.float32), axis=-1).astype(self.dtype)
+        logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh * head_dim ** -0.5, k_blnh).astype(jnp.float32)
+        if key_mask_bl is not None:
+            logits_bnqk = jnp.where(key_mask_bl[:, None, None, :], logits_bnqk, jnp.finfo(jnp.float32).min)
+        weights_bnqk = jax.nn.softmax(logits_bnqk, axis=-1).astype(self.dtype)
         out_blnh = jnp.einsum("bnqk,bknh->bqnh", weights_bnqk, v_blnh)
         return _dense(d, self.dtype, "proj")(out_blnh.reshape(b, l, d))
 
@@ -126,10 +131,10 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_bld):
+    def __call__(self, x_bld, key_mask_bl=None):
         d = x_bld.shape[-1]
         x_bld = x_bld + Attention(self.num_heads, self.dtype, name="attn")(
-            _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld))
+            _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld), key_mask_bl)
         return x_bld + Mlp(self.mlp_ratio * d, self.dtype, name="mlp")(
             _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld))
 
@@ -225,11 +230,11 @@ class MAR(nn.Module):
     def _pos_embed(self, table_1ld, grid: Grid):
         return resize_pos_embed(table_1ld, self.config.grid, grid).astype(self.dtype)
 
-    def _kept_positions(self, mask_bl, num_visible: int):
-        """(b, buffer + num_visible) canvas positions the encoder keeps: buffer, then visible."""
+    def _kept_positions(self, visible_bv):
+        """(b, buffer + V) canvas positions the encoder keeps: buffer, then the visible tokens."""
         buffer = self.config.buffer_size
-        buffer_bk = jnp.broadcast_to(jnp.arange(buffer, dtype=jnp.int32), (mask_bl.shape[0], buffer))
-        return jnp.concatenate([buffer_bk, buffer + visible_positions(mask_bl, num_visible)], axis=1)
+        buffer_bk = jnp.broadcast_to(jnp.arange(buffer, dtype=jnp.int32), (visible_bv.shape[0], buffer))
+        return jnp.concatenate([buffer_bk, buffer + visible_bv.astype(jnp.int32)], axis=1)
 
     def encode(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None):
         """Tokens (b, h*w, token_dim) and mask (b, h*w) -> (b, buffer + num_visible, encoder_dim).
@@ -237,6 +242,15 @@ class MAR(nn.Module):
         `num_visible` (a Python int) is the number of zeros in every mask row; `image_shape` is the
         latent grid (h, w), None for the native one. Output order: buffer tokens, then the visible
         tokens in raster order.
+        """
+        return self.encode_at(x_blc, visible_positions(mask_bl, num_visible), image_shape)
+
+    def encode_at(self, x_blc, visible_bv, image_shape: Optional[Grid] = None, *, padded: bool = False):
+        """`encode` given the kept raster positions `visible_bv` (b, V), ascending, instead of a mask.
+
+        With `padded`, entries >= h*w mark padding slots (after the real ones): they hold a copy of
+        a real token, are hidden from attention as keys and their outputs are to be discarded, so
+        every V up to the slot count shares one compilation.
         """
         c = self.config
         b, image_len, _ = x_blc.shape
@@ -247,10 +261,13 @@ class MAR(nn.Module):
         x_bld = jnp.concatenate([buffer_bld, x_bld], axis=1)
         x_bld = x_bld + self._pos_embed(self.encoder_pos_embed_learned, grid)
         x_bld = self.z_proj_ln(x_bld)
-        kept_bk = self._kept_positions(mask_bl, num_visible)
+        kept_bk = self._kept_positions(jnp.minimum(visible_bv, image_len - 1) if padded else visible_bv)
         x_bkd = jnp.take_along_axis(x_bld, kept_bk[:, :, None], axis=1)
+        key_mask_bk = None
+        if padded:
+            key_mask_bk = jnp.concatenate([jnp.ones((b, c.buffer_size), bool), visible_bv < image_len], axis=1)
         for blk in self.encoder_blocks:
-            x_bkd = blk(x_bkd)
+            x_bkd = blk(x_bkd, key_mask_bk)
         return self.encoder_norm(x_bkd)
 
     def decode(self, x_enc_bkd, mask_bl, image_shape: Optional[Grid] = None, x_con_bsd=None):
@@ -260,18 +277,25 @@ class MAR(nn.Module):
         (b, buffer + h*w, encoder_dim) source-image encoding is given (editing); the encoder
         tokens are written at the buffer and visible positions. V is read from the shape.
         """
+        self._grid(image_shape, mask_bl.shape[1])
+        visible_bv = visible_positions(mask_bl, x_enc_bkd.shape[1] - self.config.buffer_size)
+        return self.decode_at(x_enc_bkd, visible_bv, image_shape, x_con_bsd)
+
+    def decode_at(self, x_enc_bkd, visible_bv, image_shape: Optional[Grid] = None, x_con_bsd=None):
+        """`decode` given the encoder's kept positions `visible_bv` (b, V) instead of a mask;
+        rows at entries >= h*w (padding slots of `encode_at`) are dropped."""
         c = self.config
-        b, kept, _ = x_enc_bkd.shape
-        image_len = mask_bl.shape[1]
-        grid = self._grid(image_shape, image_len)
+        b = x_enc_bkd.shape[0]
+        grid = c.grid if image_shape is None else tuple(image_shape)
+        image_len = grid[0] * grid[1]
         x_bkd = self.decoder_embed(x_enc_bkd)
         if x_con_bsd is None:
             canvas_bsd = jnp.broadcast_to(self.mask_token.astype(x_bkd.dtype),
                                           (b, c.buffer_size + image_len, c.decoder_dim))
         else:
             canvas_bsd = self.decoder_embed(x_con_bsd)
-        kept_bk = self._kept_positions(mask_bl, kept - c.buffer_size)
-        x_bsd = canvas_bsd.at[jnp.arange(b)[:, None], kept_bk].set(x_bkd)
+        kept_bk = self._kept_positions(visible_bv)
+        x_bsd = canvas_bsd.at[jnp.arange(b)[:, None], kept_bk].set(x_bkd, mode="drop")
         x_bsd = x_bsd + self._pos_embed(self.decoder_pos_embed_learned, grid)
         for blk in self.decoder_blocks:
             x_bsd = blk(x_bsd)
