@@ -1,0 +1,136 @@
+"""Image files in and out: loading, squaring, resizing, model input, pixel conversion, PNG output.
+
+Pre-processing follows the released scripts (reference-spec §9, §10): editing crops the centre
+square (`center_crop_square`), image-to-text pads to a square with grey 127 (`expand_to_square`);
+both resize with Pillow's bicubic filter and map 0..255 to [-1, 1]. Model inputs are NHWC.
+
+Output conversion (§8.4) happens in bfloat16 in the reference: `to_uint8` repeats its rounding
+exactly. `save_png` writes the prompt and settings as PNG text chunks, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+PAD_GREY = (127, 127, 127)
+SIZE_MULTIPLE = 16  # the VAE downsamples by 16
+
+
+class ImageError(ValueError):
+    """An image file that is missing or unreadable, or a size the model cannot take."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file, fully decoded and converted to RGB (alpha dropped, as `convert('RGB')`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot decode the image ({e})") from None
+
+
+def center_crop_square(img: Image.Image) -> Image.Image:
+    """The centred square of side min(W, H) (`crop2square`: left=(W-s)//2, top=(H-s)//2)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_GREY) -> Image.Image:
+    """Pad to a square of side max(W, H) with `fill`, content centred at offset (max-min)//2."""
+    w, h = img.size
+    if w == h:
+        return img
+    s = max(w, h)
+    out = Image.new(img.mode, (s, s), fill)
+    out.paste(img, ((s - w) // 2, (s - h) // 2))
+    return out
+
+
+def resize(img: Image.Image, size: int) -> Image.Image:
+    """Resize to `size` x `size` with bicubic filtering (Pillow's default for RGB, as the scripts)."""
+    return img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def check_size(size: int) -> None:
+    """Raise unless `size` is a positive multiple of 16 pixels."""
+    if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
+        raise ImageError(f"image size {size} must be a positive multiple of {SIZE_MULTIPLE} pixels")
+
+
+def to_model_input(img: Image.Image, size: int, *, bf16_ops: bool = False) -> np.ndarray:
+    """Resize to `size` and map to [-1, 1]: a (1, size, size, 3) array.
+
+    Default: float32 `x / 255 * 2 - 1`, as the editing script computes it (a bfloat16 model casts
+    the result). `bf16_ops=True` reproduces the image-to-text script instead, which converts the
+    uint8 pixels to bfloat16 first and rounds after each op; the result is then bfloat16.
+    """
+    check_size(size)
+    pixels = np.asarray(resize(img.convert("RGB"), size), np.uint8)[None]
+    if not bf16_ops:
+        return pixels.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
+    bf16 = ml_dtypes.bfloat16
+    x = pixels.astype(bf16)
+    x = (x.astype(np.float32) / np.float32(255)).astype(bf16)
+    x = (x.astype(np.float32) * np.float32(2)).astype(bf16)
+    return (x.astype(np.float32) - np.float32(1)).astype(bf16)
+
+
+def to_uint8(images_bhwc) -> np.ndarray:
+    """Model output in about [-1, 1] -> uint8 pixels, rounded exactly as the reference scripts do.
+
+    In bfloat16: `y = bf16(bf16(127.5 * x) + 128)`, clamped to [0, 255], then truncated to uint8
+    (each bf16 op computes in float32 and rounds once; a float32 `x` is first rounded to bf16, the
+    dtype the reference's decoder returns). Runs on the host with ml_dtypes: XLA may drop a
+    float32 -> bf16 -> float32 round trip (excess precision), numpy never does.
+    """
+    bf16 = ml_dtypes.bfloat16
+    x = np.asarray(images_bhwc).astype(bf16).astype(np.float32)
+    y = (x * np.float32(127.5)).astype(bf16).astype(np.float32)
+    y = (y + np.float32(128)).astype(bf16).astype(np.float32)
+    return np.clip(y, 0, 255).astype(np.uint8)
+
+
+def tile_grid(images_bhwc, rows: int, cols: int):
+    """Tile `rows * cols` images into one (rows*H, cols*W, C) image, row-major
+    (`'(gm gn) h w c -> (gm h) (gn w) c'`)."""
+    b, h, w, c = images_bhwc.shape
+    if b != rows * cols:
+        raise ValueError(f"{b} images do not fill a {rows}x{cols} grid")
+    grid = images_bhwc.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(rows * h, cols * w, c)
+
+
+def save_png(image, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
+    """Write a uint8 (H, W, 3) image (or a PIL image) as PNG, `metadata` as text chunks.
+
+    String values are stored as they are, anything else as JSON. The file is written under a
+    temporary name in the same folder and renamed into place, so an error leaves no partial file.
+    """
+    path = Path(path)
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        img.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
