@@ -154,10 +154,12 @@ class SimpleMLPAdaLN(nn.Module):
 
 def guide(out_nk, cfg, token_dim: int):
     """Classifier-free guidance of net outputs on rows [cond; uncond]: both halves get
-    ε_u + cfg·(ε_c − ε_u); the variance channels keep each half's own values."""
+    ε_u + cfg·(ε_c − ε_u); the variance channels keep each half's own values. The combination
+    runs in the outputs' dtype (bf16 under the bf16 policy, as with the reference's constant
+    schedule, where `cfg` is a Python float)."""
     eps, rest = out_nk[:, :token_dim], out_nk[:, token_dim:]
     eps_cond, eps_uncond = jnp.split(eps, 2)
-    eps_guided = eps_uncond + cfg * (eps_cond - eps_uncond)
+    eps_guided = eps_uncond + jnp.asarray(cfg, out_nk.dtype) * (eps_cond - eps_uncond)
     return jnp.concatenate([jnp.concatenate([eps_guided, eps_guided]), rest], axis=1)
 
 

@@ -156,7 +156,7 @@ class UniPic(nn.Module):
         self.vae = AutoencoderKL(c.vae, self.dtype)
         self.mar = MAR(c.mar, self.dtype)
         self.diffusion_head = SimpleMLPAdaLN(c.diffusion, self.dtype)
-        self.llm = Qwen2(c.qwen2, self.dtype)
+        self.llm = Qwen2(llm_config(c, self.dtype), self.dtype)
         self.proj_in = MLPProjector(llm_dim, llm_dim, self.dtype)
         self.proj_out = MLPProjector(llm_dim, mar_dim, self.dtype)
         self.siglip2 = SiglipVisionModel(c.siglip, self.dtype)
@@ -274,7 +274,24 @@ def head_module(model: UniPic) -> SimpleMLPAdaLN:
 
 def llm_module(model: UniPic) -> Qwen2:
     """The LLM as a stand-alone module; its params are `params["llm"]`."""
-    return Qwen2(model.config.qwen2, model.dtype)
+    return Qwen2(llm_config(model.config, model.dtype), model.dtype)
+
+
+def llm_config(config: UniPicConfig, dtype: Dtype) -> Qwen2Config:
+    """The LLM's config under the dtype policy: in bf16 the RoPE inverse frequencies are rounded
+    to bf16 first, as the reference's `model.to(torch.bfloat16)` rounds the `inv_freq` buffer
+    (spec §1.3); float32 keeps the config as it is."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        return dataclasses.replace(config.qwen2, rope_inv_freq_dtype="bfloat16")
+    return config.qwen2
+
+
+def cast_params(params, dtype: Dtype):
+    """Every floating param cast to `dtype` (round to nearest even), as the reference's
+    `model.to(torch.bfloat16)` does before a bf16 run; integer leaves are kept."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+    return jax.tree_util.tree_map(cast, params)
 
 
 def param_shapes(config: UniPicConfig) -> dict:

@@ -12,7 +12,7 @@ Cases (each a safetensors file of the fixture, sizes and kwargs from meta.json):
     forward (the prompt pass, each cached step, each teacher-forced step): FORWARD.
   * t2i_train_forward: encode, the cache-free LLM path, the decoder and the diffusion loss, each
     a forward pass fed our own previous output: FORWARD.
-The bfloat16 twins (`*_bf16`) belong to the bf16 policy and are not compared here.
+The bfloat16 twins (`*_bf16`) are compared by `parity/bf16.py` at their meta.json bounds.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from convert.unipic import unipic_params_from_torch
 from unipic_jax.models import diffusion
 from unipic_jax.models.unipic import UniPic, UniPicConfig, head_module, llm_module
+from unipic_jax.parity import bf16
 from unipic_jax.parity import CHAIN, FORWARD, Fixture, Row, compare, compare_exact, draws
 from unipic_jax.sampling import caption, t2i
 from unipic_jax.sampling.schedule import mask_schedule
@@ -175,9 +176,10 @@ def train_forward_rows(fx: Fixture) -> Iterator[Row]:
 
 
 def rows(fx: Fixture) -> Iterator[Row]:
-    """Every float32 case of unipic/ (the bf16 twins are skipped)."""
+    """Every case of unipic/: the float32 cases here, then the bf16 twins (parity/bf16.py)."""
     yield from part_rows(fx)
     for case in SAMPLE_CASES:
         yield from sample_rows(fx, case)
     yield from i2t_rows(fx)
     yield from train_forward_rows(fx)
+    yield from bf16.rows(fx)

@@ -1,0 +1,118 @@
+"""Parity rows for the bf16 policy: unipic/ `t2i_bf16`, `i2t_bf16` and the RoPE rounding.
+
+The reference's inference mode casts the whole model to bf16 (`model.to(torch.bfloat16)`, spec
+§1.3); these twins are the float32 cases rerun that way. Our bf16 model (`UniPic(config,
+jnp.bfloat16)` with `cast_params`) rounds differently from the reference's CPU kernels, so float
+tensors are held to `meta.cases.<case>.suggested_tolerance.rel` x max|ref| (4x the measured
+bf16-vs-float32 error; the fixtures README, "unipic/ bfloat16 twins"). Orders and masks come from
+the replayed draws and must match exactly. For i2t the stored ids are teacher-forced and the step
+logits compared; argmax must agree only at steps whose top-1/top-2 margin exceeds bf16 error
+(`id_decided_beyond_bf16_error`). The RoPE inverse frequencies are checked bit-exactly against
+the reference's bf16-rounded buffer: the end-to-end bounds are too loose to see that rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from convert.unipic import unipic_params_from_torch
+from unipic_jax.models import diffusion
+from unipic_jax.models.qwen2 import rope_inv_freq
+from unipic_jax.models.unipic import UniPic, UniPicConfig, cast_params, llm_config
+from unipic_jax.parity import Fixture, Row, compare, compare_exact, draws
+from unipic_jax.parity import unipic as fp32  # the float32 rows' layout helpers (imports us back)
+from unipic_jax.sampling import caption, t2i
+from unipic_jax.sampling.schedule import mask_schedule
+
+NAME = "unipic"
+
+
+@functools.cache
+def load(fx: Fixture) -> tuple[UniPic, dict]:
+    """The bf16 model and its params (the fixture's weights rounded to bf16)."""
+    config = UniPicConfig.from_config(fx.config())
+    return UniPic(config, jnp.bfloat16), cast_params(unipic_params_from_torch(fx.weights, config), jnp.bfloat16)
+
+
+def _rel(fx: Fixture, case: str) -> float:
+    return float(fx.meta["cases"][case]["suggested_tolerance"]["rel"])
+
+
+def rope_rows(fx: Fixture) -> Iterator[Row]:
+    """The bf16 policy's inverse frequencies equal the reference's cast buffer bit for bit."""
+    model, _ = load(fx)
+    qwen2 = llm_config(model.config, model.dtype)
+    ref = np.asarray(fx.meta["bf16"]["rope_inv_freq"]["tiny"]["inv_freq_after_cast"], np.float32)
+    got = rope_inv_freq(qwen2.head_dim, qwen2.rope_theta, qwen2.rope_inv_freq_dtype)
+    yield compare(NAME, "bf16/rope_inv_freq", got, ref, 0.0)
+
+
+@functools.cache
+def replay_t2i(fx: Fixture, case: str = "t2i_bf16") -> t2i.Sample:
+    """The bf16 text-to-image case run with its recorded draws, capturing every step."""
+    model, params = load(fx)
+    tensors = fx.file(case)
+    kwargs = fx.meta["cases"][case]["kwargs"]
+    image_shape = tuple(kwargs["image_shape"])
+    cfg = float(kwargs["cfg"])
+    guided = cfg != 1.0
+    batch = tensors["input_ids"].shape[0] // (2 if guided else 1)
+    steps = mask_schedule(image_shape[0] * image_shape[1], kwargs["num_iter"])
+    recorded = t2i.prepare_draws_from_fixture(
+        draws(tensors, ""), batch=batch, steps=steps, guided=guided,
+        num_diffusion_steps=diffusion.sampling_schedule(model.config.diffusion).num_steps)
+    return t2i.text_to_image(model, params, tensors["input_ids"], tensors["attention_mask"], image_shape=image_shape,
+                             num_iter=kwargs["num_iter"], cfg=cfg, cfg_schedule=kwargs["cfg_schedule"],
+                             temperature=float(kwargs["temperature"]), draws=recorded, capture=True)
+
+
+def t2i_rows(fx: Fixture, case: str = "t2i_bf16") -> Iterator[Row]:
+    """The bf16 sampling chain replayed with the recorded draws, every capture compared."""
+    tensors = fx.file(case)
+    rel = _rel(fx, case)
+    out = replay_t2i(fx, case)
+    batch = out.orders.shape[0]
+    yield compare(NAME, f"{case}/prefix_last_hidden_state", out.prefix_hidden, tensors["prefix_last_hidden_state"],
+                  rel)
+    yield compare_exact(NAME, f"{case}/orders", out.orders, tensors["orders_returned"][:batch])
+    for s, captured in enumerate(out.steps):
+        yield compare_exact(NAME, f"{case}/step{s}/mask_in", captured["mask_in"], tensors[f"step{s}/mask_in"])
+        for name in fp32.STEP_OUTPUTS:
+            yield compare(NAME, f"{case}/step{s}/{name}", captured[name], tensors[f"step{s}/{name}"], rel)
+    yield compare(NAME, f"{case}/tokens_final", out.tokens, tensors["tokens_final"], rel)
+    yield compare(NAME, f"{case}/pred", fp32.nchw(out.images), tensors["pred"], rel)
+
+
+def i2t_rows(fx: Fixture, case: str = "i2t_bf16") -> Iterator[Row]:
+    """Teacher-forced bf16 captioning: features, embeddings and step logits within the bf16 bound;
+    argmax equal where the reference's margin is beyond bf16 error."""
+    model, params = load(fx)
+    tensors, meta = fx.file(case), fx.meta["cases"][case]
+    rel = _rel(fx, case)
+    image = jnp.asarray(fp32.nhwc(tensors["image"]), jnp.bfloat16)  # image2text.py feeds model.dtype pixels
+    ids = tensors["input_ids"]
+    features = caption.image_features(model, params, image)
+    yield compare(NAME, f"{case}/z_enc", features, tensors["z_enc"], rel)
+    yield compare(NAME, f"{case}/inputs_embeds",
+                  caption.prompt_embeddings(model, params, jnp.asarray(ids, jnp.int32), features),
+                  tensors["inputs_embeds"], rel)
+    forced = caption.caption(model, params, image, ids, max_new_tokens=meta["max_new_tokens"],
+                             eos_id=meta["eos_token_id"], pad_id=meta["pad_token_id"],
+                             forced_ids=tensors["generated_ids"], return_logits=True)
+    yield compare(NAME, f"{case}/step_logits", forced.logits, tensors["step_logits"], rel)
+    decided = np.asarray(meta["id_decided_beyond_bf16_error"], bool)
+    top = lambda logits: np.argmax(np.asarray(logits, np.float32), axis=-1)[:, decided]
+    yield compare_exact(NAME, f"{case}/step_argmax_decided", top(forced.logits), top(tensors["step_logits"]))
+
+
+def rows(fx: Fixture) -> Iterator[Row]:
+    """Every bf16 row of unipic/ (nothing when the fixture has no bf16 twins)."""
+    if "bf16" not in fx.meta:
+        return
+    yield from rope_rows(fx)
+    yield from t2i_rows(fx)
+    yield from i2t_rows(fx)
