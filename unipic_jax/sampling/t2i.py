@@ -372,7 +372,7 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
         x_con_bsd = jnp.broadcast_to(x_con_bsd, (rows,) + tuple(x_con_bsd.shape[1:]))
 
     prefix_hidden, cache = _prefill(model, params, embeds_bld, mask_bl)
-    tokens = jnp.zeros((rows, num_tokens, token_dim), jnp.float32)
+    tokens = jnp.zeros((rows, num_tokens, token_dim), model.dtype)  # sampled rows are rounded when written
     orders = jnp.asarray(draws.orders, jnp.int32)
     temperature = np.float32(temperature)
     records = []
