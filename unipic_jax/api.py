@@ -1,0 +1,338 @@
+"""The Python API: load UniPic once, then generate, edit and describe images.
+
+    from unipic_jax.api import UniPicPipeline
+
+    pipe = UniPicPipeline.from_pretrained("checkpoints/unipic")      # made by `unipic-jax convert`
+    image = pipe.generate("a red fox in the snow", seed=0)[0]         # PIL images
+    edited = pipe.edit(image, "make it night", seed=0)                # a PIL image
+    text = pipe.caption(image)                                        # a string
+
+Every call follows the released scripts (reference-spec §8-§10): the chat template without a
+system prompt and the guidance prompts of `unipic_jax.prompts`, centre crop for editing,
+pad-to-square for captions, bicubic resizing, and the reference's bfloat16 rounding of the output
+pixels (`images.to_uint8`). Prompts are padded to buckets of `PROMPT_BUCKET` tokens, so repeated
+calls with the same size, steps, batch and cfg-on/off reuse the compiled programs.
+
+Defaults are those of the released scripts: 1024 px, `num_iter` 32 (`text2image.py` and
+`image_edit.py`; the paper's evaluation used 64), cfg 3.0 constant, temperature 1.0, greedy
+captions of at most 1024 new tokens with the checkpoint's `generation_config.json` repetition
+penalty (1.1 for the release). The scripts seed nothing; here `seed=None` draws a fresh seed,
+which is recorded in each image's `info` so the image can be reproduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+import unipic_jax
+from unipic_jax import checkpoint, images, prompts
+from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
+from unipic_jax.sampling import caption as caption_lib
+from unipic_jax.sampling import t2i
+
+ImageInput = Union[Image.Image, str, os.PathLike]
+
+PROMPT_BUCKET = 64      # prompt lengths are padded to a multiple of this (one program per bucket)
+CAPTION_BUCKET = 128    # the same for image-to-text prompts
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+DEFAULT_SIZE = 1024
+DEFAULT_STEPS = 32
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def parse_dtype(dtype: str):
+    """"float32"/"fp32" or "bfloat16"/"bf16" -> the jnp dtype (ValueError otherwise)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def new_seed() -> int:
+    """A fresh random seed (what `seed=None` uses; it is recorded with the result)."""
+    return random.SystemRandom().randrange(2 ** 31)
+
+
+def _model_input_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return images.load_image(image)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    """A context manager giving a tqdm bar over MAR steps, or None."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+def _step_hook(bar) -> dict:
+    """The sampler's `on_step` argument advancing `bar` as each MAR step finishes (none without a bar)."""
+    if bar is None:
+        return {}
+
+    def on_step(index: int, tokens) -> None:
+        jax.block_until_ready(tokens)  # dispatch is asynchronous: count finished steps
+        bar.update(1)
+
+    return {"on_step": on_step}
+
+
+class UniPicPipeline:
+    """UniPic-1 ready to sample: the linen model, its params, the tokenizer, and the task wrappers.
+
+    Build it with `from_pretrained`. `model` is the `unipic_jax.models.unipic.UniPic` module,
+    `params` its param tree, `tokenizer` a `prompts.Tokenizer` whose ids match the model config.
+    """
+
+    def __init__(self, model: UniPic, params, tokenizer: prompts.Tokenizer, *,
+                 repetition_penalty: float = 1.0, source: str = ""):
+        tokenizer.check_ids(dataclasses.asdict(model.config.tokens))
+        self.model = model
+        self.params = params
+        self.tokenizer = tokenizer
+        self.repetition_penalty = float(repetition_penalty)
+        self.source = source
+
+    @property
+    def config(self) -> UniPicConfig:
+        return self.model.config
+
+    @property
+    def context(self) -> int:
+        """The LLM's context length (max_position_embeddings): prompt plus what is generated."""
+        return self.config.qwen2.max_position_embeddings
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
+                        config: ml_collections.ConfigDict | None = None,
+                        tokenizer: str | os.PathLike | None = None) -> "UniPicPipeline":
+        """Load UniPic from `path`:
+
+          * a checkpoint directory written by `unipic-jax convert` (config.json, params/,
+            tokenizer/): the fast way;
+          * a folder in the official release layout (pytorch_model.bin, kl16.ckpt,
+            Qwen2.5-1.5B-Instruct/): converted in memory on every load (a warning suggests
+            `unipic-jax convert`); `config` gives its sizes (default configs/unipic_1p5b.py);
+          * a Hugging Face Hub id such as "Skywork/Skywork-UniPic-1.5B": downloaded (online only;
+            offline it is a clear error) and converted as a release folder.
+
+        `dtype` is "float32" (the parity setting) or "bfloat16": the reference's inference mode,
+        bf16 weights (restored straight into bf16) and activations, the model keeping norm
+        statistics and the diffusion state in float32. `tokenizer` overrides the tokenizer folder
+        (a Qwen2.5 folder). Raises ValueError (`checkpoint.CheckpointError`, `ConversionError`)
+        naming what is missing or damaged.
+        """
+        compute_dtype = parse_dtype(dtype)
+        folder = Path(path)
+        is_checkpoint = (folder / checkpoint.CONFIG_FILE).is_file() and not (folder / "pytorch_model.bin").exists()
+        if is_checkpoint:
+            stored, params = checkpoint.load(
+                folder, param_shapes=lambda c: _cast(param_shapes(UniPicConfig.from_config(c)), compute_dtype))
+            tokenizer_folder = tokenizer or checkpoint.tokenizer_dir(folder)
+        else:
+            if folder.is_dir() and not (folder / "pytorch_model.bin").exists():
+                raise checkpoint.CheckpointError(
+                    f"{folder}: neither a unipic-jax checkpoint ({checkpoint.CONFIG_FILE} is missing) nor an "
+                    f"official release folder (pytorch_model.bin is missing)")
+            release = checkpoint.fetch_release(os.fspath(path))
+            stored, params = cls._convert(release, config)
+            params = _cast(params, compute_dtype)
+            tokenizer_folder = tokenizer or checkpoint.find_tokenizer_dir(release)
+        if tokenizer_folder is None:
+            raise checkpoint.CheckpointError(f"{path}: holds no tokenizer; pass tokenizer= (the "
+                                             f"Qwen2.5-1.5B-Instruct folder)")
+        unipic_config = UniPicConfig.from_config(stored)
+        tok = prompts.Tokenizer.from_folder(tokenizer_folder)
+        return cls(UniPic(unipic_config, compute_dtype), params, tok,
+                   repetition_penalty=_repetition_penalty(Path(tokenizer_folder)), source=os.fspath(path))
+
+    @staticmethod
+    def _convert(release: Path, config: ml_collections.ConfigDict | None):
+        from convert.unipic import load_release
+
+        if config is None:
+            from configs import unipic_1p5b
+
+            config = unipic_1p5b.get_config()
+        warnings.warn(f"{release}: converting the official release in memory on every load; run "
+                      f"`unipic-jax convert {release} DIR` once and load DIR instead", stacklevel=3)
+        params = load_release(release, UniPicConfig.from_config(config))
+        return config, jax.device_put(params, jax.devices()[0])
+
+    # ------------------------------------------------------------------------------------------
+    # Prompts
+
+    def _batch(self, texts: Sequence[str], *, reserved: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenise, check against the context and right-pad with EOS (as the reference pads)."""
+        return prompts.batch_prompts([self.tokenizer.encode(t) for t in texts], self.tokenizer.eos_id,
+                                     bucket, context=self.context, reserved=reserved)
+
+    def _grid(self, size: int) -> tuple[tuple[int, int], int]:
+        """(latent grid, `<image>` ids per image: grid tokens + buffer) at `size` pixels."""
+        images.check_size(size)
+        count = prompts.image_token_count(size, size, self.config.mar)
+        side = size // (self.config.mar.vae_stride * self.config.mar.patch_size)
+        return (side, side), count
+
+    def _to_pil(self, images_bhwc, info: list[dict]) -> list[Image.Image]:
+        pixels = images.to_uint8(np.asarray(images_bhwc, np.float32))
+        out = []
+        for array, meta in zip(pixels, info):
+            img = Image.fromarray(array)
+            img.info.update(meta)
+            out.append(img)
+        return out
+
+    def _settings(self, task: str, **values) -> dict[str, Any]:
+        return {"task": task, **values, "model": self.source, "dtype": jnp.dtype(self.model.dtype).name,
+                "software": f"unipic-jax {unipic_jax.__version__}"}
+
+    def _t2i_rows(self, texts: Sequence[str], *, size: int, batch: int, guided: bool):
+        """(grid, ids, mask) of a text-to-image call: rows `[cond x B ; uncond x B]` (cond only
+        without guidance), each prompt repeated `batch` times."""
+        if not texts:
+            raise ValueError("no prompt given")
+        grid, image_tokens = self._grid(size)
+        cond = [prompts.t2i_prompt(t) for t in texts for _ in range(batch)]
+        rows = cond + [prompts.t2i_cfg_prompt()] * len(cond) if guided else cond
+        return (grid,) + self._batch(rows, reserved=image_tokens, bucket=PROMPT_BUCKET)
+
+    def check_prompt(self, prompt: str, *, size: int = DEFAULT_SIZE) -> None:
+        """Raise ValueError if `generate(prompt, size=size)` would refuse the prompt (empty, or too
+        long for the context once the image tokens are added), without sampling anything."""
+        self._t2i_rows([prompt], size=size, batch=1, guided=False)
+
+    # ------------------------------------------------------------------------------------------
+    # Tasks
+
+    def generate(self, prompt: str | Sequence[str], *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
+                 cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
+                 seed: Optional[int] = None, batch: int = 1, progress: bool = True) -> list[Image.Image]:
+        """Text to image: `batch` images for each prompt, prompt-major (`scripts/text2image.py`).
+
+        `size` (pixels, a multiple of 16) sets the latent grid `size/16`; `steps` the MAR
+        iterations; `cfg` the guidance scale (1.0: no unconditional rows), `cfg_schedule`
+        "constant" or "linear"; `seed` a `jax.random` seed (None: a fresh one). Each image's
+        `info` holds the prompt, seed and settings (`save_png` writes them as PNG text).
+        """
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if batch < 1 or steps < 1:
+            raise ValueError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
+        grid, ids, mask = self._t2i_rows(texts, size=size, batch=batch, guided=cfg != 1.0)
+        seed = new_seed() if seed is None else int(seed)
+        with _progress(steps, progress, "generate") as bar:
+            out = t2i.text_to_image(self.model, self.params, ids, mask, prompt_bucket=PROMPT_BUCKET,
+                                    image_shape=grid, num_iter=steps, cfg=cfg, cfg_schedule=cfg_schedule,
+                                    temperature=temperature, key=jax.random.key(seed), **_step_hook(bar))
+            result = np.asarray(out.images)
+        settings = self._settings("text-to-image", seed=seed, size=size, steps=steps, cfg=cfg,
+                                  cfg_schedule=cfg_schedule, temperature=temperature, batch=batch)
+        info = [{"prompt": texts[i // batch], **settings, "index": i % batch} for i in range(len(texts) * batch)]
+        return self._to_pil(result, info)
+
+    def edit(self, image: ImageInput, prompt: str, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
+             cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
+             seed: Optional[int] = None, progress: bool = True) -> Image.Image:
+        """Edit `image` (a PIL image or a file) as `prompt` says (`scripts/image_edit.py`).
+
+        The source is centre-cropped to a square and resized to `size` (a multiple of 16); the
+        guidance prompt is "Repeat this image.". Other arguments as `generate`.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        grid, image_tokens = self._grid(size)
+        cond = prompts.edit_prompt(prompt, image_tokens)
+        rows = [cond, prompts.edit_cfg_prompt(image_tokens)] if cfg != 1.0 else [cond]
+        ids, mask = self._batch(rows, reserved=image_tokens, bucket=PROMPT_BUCKET)
+        source = images.to_model_input(images.center_crop_square(_model_input_image(image)), size)
+        seed = new_seed() if seed is None else int(seed)
+        with _progress(steps, progress, "edit") as bar:
+            out = t2i.edit(self.model, self.params, source, ids, mask, num_iter=steps, cfg=cfg,
+                           cfg_schedule=cfg_schedule, temperature=temperature, key=jax.random.key(seed),
+                           prompt_bucket=PROMPT_BUCKET, **_step_hook(bar))
+            result = np.asarray(out.images)
+        settings = self._settings("edit", seed=seed, size=size, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
+                                  temperature=temperature)
+        return self._to_pil(result, [{"prompt": prompt, **settings}])[0]
+
+    def caption(self, image: ImageInput, prompt: str = prompts.CAPTION_TEXT, *, size: Optional[int] = None,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, path: str = "mar", sample: bool = False,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+                repetition_penalty: Optional[float] = None) -> str:
+        """Answer `prompt` about `image` (`scripts/image2text.py`): the text, special tokens removed.
+
+        The image is padded to a square with grey 127 and resized to `size`: default 1024 on the
+        released "mar" path (VAE -> MAR encoder -> proj_in), the tower's own size on the "siglip"
+        path (SigLIP2 -> siglip2_proj; weights present but never run by the released code).
+        Greedy by default; `sample=True` samples with `temperature`, `top_k`, `top_p` from `seed`.
+        `repetition_penalty` None uses the checkpoint's generation_config.json (1.1 for the
+        release, as `image2text.py` effectively runs).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if path == "siglip":
+            native = self.config.siglip.image_size
+            if size not in (None, native):
+                raise ValueError(f"the siglip path takes {native}px images, not {size}")
+            size = native
+        size = DEFAULT_SIZE if size is None else size
+        images.check_size(size)
+        count = caption_lib.image_token_count(self.config, (size, size), path)
+        ids, mask = self._batch([prompts.caption_prompt(count, prompt)], reserved=max_new_tokens,
+                                bucket=CAPTION_BUCKET)
+        bf16 = jnp.dtype(self.model.dtype) == jnp.bfloat16  # the script converts in the model's dtype
+        pixels = images.to_model_input(images.expand_to_square(_model_input_image(image)), size, bf16_ops=bf16)
+        rng = jax.random.key(new_seed() if seed is None else int(seed)) if sample else None
+        penalty = self.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
+        out = caption_lib.caption(self.model, self.params, pixels, ids, mask, path=path, max_new_tokens=max_new_tokens,
+                                  repetition_penalty=penalty, rng=rng, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, bucket=CAPTION_BUCKET)
+        length = int(np.asarray(out.lengths)[0])
+        return self.tokenizer.decode(np.asarray(out.ids)[0, :length], skip_special_tokens=True)
+
+
+def _cast(tree, dtype):
+    """Floating leaves (arrays or ShapeDtypeStructs) in `dtype`; others as they are."""
+    def cast(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.dtype == dtype:
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+        return leaf.astype(dtype)
+
+    return jax.tree.map(cast, tree)
+
+
+def _repetition_penalty(tokenizer_folder: Path) -> float:
+    """`repetition_penalty` of the tokenizer folder's generation_config.json (1.0 without one)."""
+    file = tokenizer_folder / "generation_config.json"
+    if not file.is_file():
+        return 1.0
+    try:
+        return float(json.loads(file.read_text()).get("repetition_penalty", 1.0))
+    except (ValueError, AttributeError):
+        raise checkpoint.CheckpointError(f"{file}: not a valid generation config") from None
+
+
+def save_images(imgs: Sequence[Image.Image], paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Write images as PNGs carrying their `info` (prompt, seed, settings) as text metadata."""
+    return [images.save_png(img, p, img.info) for img, p in zip(imgs, paths)]
+
