@@ -23,6 +23,6 @@ setup(
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "torch==2.13.0"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0"]},
     entry_points={"console_scripts": ["unipic-jax=unipic_jax.cli:main"]},
 )

@@ -1,0 +1,483 @@
+"""Ahead-of-time compilation for TPU pods on a CPU-only host: does a program fit, and what does it cost?
+
+    unipic-jax compile --config unipic_1p5b --topology v5e:16x16 --train --stage sft --batch 256 \\
+        --resolution 512 --mesh fsdp=64,tensor=4
+
+builds the compile-only devices of a TPU topology (libtpu's compiler, no TPU attached), a mesh
+over them, lowers the full-size program with `jax.jit(..., in_shardings, out_shardings, donate)`
+on `jax.ShapeDtypeStruct`s that carry their shardings (nothing is allocated) and compiles it
+with the real TPU compiler. It reports, per chip: argument + output - alias + temp bytes
+(MaxText's "total memory"), XLA's peak estimate, FLOPs and the collectives in the optimised HLO.
+An HBM overflow is the compiler's `RESOURCE_EXHAUSTED`, reported as `CompileOOM` (one line).
+
+Programs: `--train` compiles the stage's train step (`distributed.sharded_train_step`: the
+state donated, the batch split over the "batch" rule); otherwise the text-to-image sampler's two
+heaviest step programs at the largest slot counts of its schedule (MAR encoder + LLM + MAR
+decoder, and the diffusion head's reverse chain).
+
+Topologies are libtpu names ("v5e:16x16", "v5:4x4x4", also "v5p:4x4x4", "v6e:16x16",
+"v4:2x2x1") or slice names ("v5e-256", "v5litepod-256", "v6e-256", "v5p-128", "v4-8"; for v4 and
+v5p the number counts TensorCores, two per chip). The topology needs MaxText's extra arguments
+(`TopologySpec`): chip_config_name ("megacore" on v4/v5p: one device per chip), the 2x2 chips
+per host, and the torus wrap-around of full-pod dimensions (without it the compiler plans
+different collectives). `num_slices` > 1 adds data parallelism over DCN (a hybrid mesh: the
+`data` axis spans the slices).
+
+Needs libtpu (`pip install "jax[tpu]==0.10.2"`); without it every entry point raises
+`AotUnavailable` with that instruction. The runtime backend stays the CPU. Caveat:
+`cost_analysis()["flops"]` counts the body of a while loop (`lax.scan`, `fori_loop`) once, not
+once per trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from unipic_jax import distributed, sharding
+
+PyTree = Any
+GIB = 2 ** 30
+INSTALL_HINT = 'TPU AOT compilation needs libtpu: pip install "jax[tpu]==0.10.2" (the "tpu" extra)'
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+class AotUnavailable(RuntimeError):
+    """libtpu is not installed, so no TPU topology can be built."""
+
+
+class CompileOOM(RuntimeError):
+    """The TPU compiler found the program too large for a chip's HBM (its message, one line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Topologies
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologySpec:
+    """The arguments of `topologies.get_topology_desc` for one TPU slice shape."""
+
+    name: str  # libtpu's name, e.g. "v5e:16x16"
+    chip_config_name: str  # "megacore" (v4, v5p: one device per chip) or "default"
+    chips_per_host_bounds: tuple[int, int, int]
+    wrap: tuple[bool, bool, bool]
+    num_slices: int = 1
+
+    @property
+    def chips_per_slice(self) -> int:
+        return math.prod(int(d) for d in self.name.split(":")[1].split("x"))
+
+
+# Generation -> (libtpu prefix, number of dimensions, chip config, TensorCores per chip in slice names).
+_GENERATIONS = {
+    "v4": ("v4", 3, "megacore", 2),
+    "v5p": ("v5", 3, "megacore", 2),
+    "v5": ("v5", 3, "megacore", 2),
+    "v5e": ("v5e", 2, "default", 1),
+    "v5litepod": ("v5e", 2, "default", 1),
+    "v6e": ("v6e", 2, "default", 1),
+}
+# Chips of a slice -> its shape, for slice names (the shapes Cloud TPU offers).
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+_FORMS = ("GEN:AxB for v5e/v6e (e.g. v5e:16x16), GEN:AxBxC for v4/v5p (e.g. v5:4x4x4), or a slice "
+          "name such as v5e-256 or v5p-128")
+
+
+def parse_topology(text: str, num_slices: int = 1) -> TopologySpec:
+    """A `TopologySpec` from a libtpu topology name or a Cloud TPU slice name; ValueError otherwise."""
+    text = text.strip().lower()
+    match = re.fullmatch(r"([a-z0-9]+)[:=_]([0-9]+(?:x[0-9]+)*)", text)
+    if match:
+        gen, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+    else:
+        match = re.fullmatch(r"([a-z0-9]+)-([0-9]+)", text)
+        if not match or match.group(1) not in _GENERATIONS:
+            raise ValueError(f"topology {text!r}: want {_FORMS}")
+        gen = match.group(1)
+        _, ndim, _, cores = _GENERATIONS[gen]
+        chips, rest = divmod(int(match.group(2)), cores)
+        dims = (_SHAPES_2D if ndim == 2 else _SHAPES_3D).get(chips) if not rest else None
+        if dims is None:
+            raise ValueError(f"topology {text!r}: no standard {gen} slice of that size; give its shape as {_FORMS}")
+    if gen not in _GENERATIONS:
+        raise ValueError(f"topology {text!r}: generation {gen!r} is not one of {sorted(_GENERATIONS)}")
+    prefix, ndim, chip_config, _ = _GENERATIONS[gen]
+    if len(dims) != ndim or min(dims) < 1:
+        raise ValueError(f"topology {text!r}: {gen} slices have {ndim} dimensions; want {_FORMS}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices {num_slices}: must be at least 1")
+    bounds = (min(2, dims[0]), min(2, dims[1]), 1)
+    if ndim == 2:  # a 16-chip dimension is a whole v5e/v6e pod side, closed into a ring
+        wrap = (dims[0] == 16, dims[1] == 16, False)
+    else:  # v4/v5p: whole 4x4x4 cubes are tori
+        wrap = (all(d % 4 == 0 for d in dims),) * 3
+    return TopologySpec(f"{prefix}:{'x'.join(map(str, dims))}", chip_config, bounds, wrap, num_slices)
+
+
+def topology_devices(spec: TopologySpec) -> list:
+    """The compile-only devices of `spec` (all slices). Raises `AotUnavailable` without libtpu."""
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotUnavailable(INSTALL_HINT)
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name=spec.name, chip_config_name=spec.chip_config_name,
+            chips_per_host_bounds=spec.chips_per_host_bounds, num_slices=spec.num_slices, wrap=spec.wrap)
+    except RuntimeError as e:
+        if "TPU support not installed" in str(e):
+            raise AotUnavailable(INSTALL_HINT) from None
+        raise ValueError(f"topology {spec.name}: {_first_line(e)}") from None
+    return list(topo.devices)
+
+
+def topology_mesh(spec: TopologySpec, mesh_spec: str | Mapping[str, int], devices: Optional[Sequence] = None) -> Mesh:
+    """A mesh with axes `sharding.MESH_AXES` over the topology's devices. With several slices the
+    `data` axis is split as (slices x data per slice) over DCN and the rest stays inside a slice."""
+    devices = topology_devices(spec) if devices is None else list(devices)
+    if spec.num_slices == 1:
+        return sharding.make_mesh(mesh_spec, devices=devices)
+    from jax.experimental import mesh_utils
+
+    sizes = sharding.parse_mesh_spec(mesh_spec, len(devices))
+    if sizes["data"] % spec.num_slices:
+        raise ValueError(f"mesh {mesh_spec!r}: data={sizes['data']} must be a multiple of the "
+                         f"{spec.num_slices} slices (data parallelism spans the slices)")
+    ici = (sizes["data"] // spec.num_slices, sizes["fsdp"], sizes["tensor"])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (spec.num_slices, 1, 1), devices,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, sharding.MESH_AXES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Programs: a jitted function and its abstract arguments
+
+
+@dataclasses.dataclass
+class Program:
+    """`jitted.lower(*static, *args)` compiles it (`static`: leading static arguments);
+    `parts` names per-device argument bytes worth reporting, `notes` warnings about the placement."""
+
+    name: str
+    jitted: Callable
+    args: tuple
+    static: tuple = ()
+    parts: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _shard_bytes(tree: PyTree) -> int:
+    """Bytes one device holds of the ShapeDtypeStructs in `tree` (each with a NamedSharding)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _with(shapes: PyTree, shardings: PyTree) -> PyTree:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def abstract_batch(config) -> dict:
+    """The global batch of stage `config` as ShapeDtypeStructs, {task: {field: struct}}, at the
+    longest length bucket: what the data pipeline (`train.data.make_dataset`) yields, less
+    `num_skipped`."""
+    from unipic_jax.train import data
+
+    d = config.data
+    out = {}
+    for task in data.active_tasks(config):
+        rows, length = d.batch_size[task], max(d.buckets[task])
+        side = d.und_resolution if task == "und" else d.gen_resolution
+        image = jax.ShapeDtypeStruct((rows, side, side, 3), np.float32)
+        tokens = {"input_ids": jax.ShapeDtypeStruct((rows, length), np.int32),
+                  "attention_mask": jax.ShapeDtypeStruct((rows, length), np.bool_)}
+        if task == "t2i":
+            out[task] = {"image": image, **tokens}
+        elif task == "edit":
+            out[task] = {"source": image, "target": image, **tokens}
+        else:
+            out[task] = {"image": image, **tokens, "labels": jax.ShapeDtypeStruct((rows, length), np.int32)}
+    return out
+
+
+def _unsplit_batch_notes(batch: PyTree, mesh: Mesh, rules) -> list[str]:
+    """One note per task whose rows the data and fsdp axes cannot all split (those chips repeat work)."""
+    sizes = dict(mesh.shape)
+    want = {a for a in ("data", "fsdp") if sizes.get(a, 1) > 1}
+    notes = []
+    for task, fields in batch.items():
+        leaf = next(iter(fields.values()))
+        spec = sharding.batch_sharding(mesh, leaf.shape, rules).spec
+        used = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+        if want - used:
+            notes.append(f"{task}: {leaf.shape[0]} rows are not split over {sorted(want - used)} "
+                         f"(make each task's batch a multiple of data x fsdp = "
+                         f"{math.prod(sizes[a] for a in want)})")
+    return notes
+
+
+def train_program(config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Program:
+    """The train step of stage `config` on `mesh`, on abstract state and batch (nothing allocated)."""
+    from unipic_jax.models.unipic import UniPicConfig, param_shapes
+    from unipic_jax.train import loop
+
+    trainer = loop.Trainer(config, params=param_shapes(UniPicConfig.from_config(config.model)))
+    batch = abstract_batch(config)
+    step = distributed.sharded_train_step(trainer, mesh, batch, rules)
+    state = jax.eval_shape(lambda p: loop.init_state(p, trainer.tx, trainer.trainable, trainer.ema_decay),
+                           trainer.initial_params)
+    state = _with(state, step.state)
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=step.rng)
+    parts = {"params": _shard_bytes(state.params), "optimizer state": _shard_bytes(state.opt_state),
+             "ema": _shard_bytes(state.ema) if state.ema is not None else 0,
+             "batch": _shard_bytes(_with(batch, step.batch))}
+    return Program(f"train step ({config.stage})", step.jitted, (state, _with(batch, step.batch), rng),
+                   parts=parts, notes=_unsplit_batch_notes(batch, mesh, rules))
+
+
+def sampler_programs(model_config, mesh: Mesh, *, batch: int, resolution: int, num_iter: int = 32,
+                     cfg: float = 3.0, prompt_length: int = 64, dtype: str = "bfloat16",
+                     rules=sharding.DEFAULT_RULES) -> list[Program]:
+    """The text-to-image sampler's heaviest per-step programs (`sampling.t2i`) for `batch` images
+    at `resolution` px: the conditioning pass (MAR encoder on the most visible tokens + LLM on the
+    prompt cache + MAR decoder) and the diffusion head's chain on the most predicted tokens.
+    Params float32 (as stored), placed by `param_shardings`; rows and the KV cache over the batch."""
+    import jax.numpy as jnp
+
+    from unipic_jax.models.qwen2 import KVCache
+    from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
+    from unipic_jax.sampling import t2i
+    from unipic_jax.sampling.schedule import mask_schedule
+
+    config = UniPicConfig.from_config(model_config)
+    model = UniPic(config, jnp.dtype(dtype))
+    params = sharding.sharded_abstract(param_shapes(config), mesh, rules)
+    side = resolution // (config.mar.vae_stride * config.mar.patch_size)
+    grid, num_tokens = (side, side), side * side
+    guided = cfg != 1.0
+    rows = 2 * batch if guided else batch
+    steps = mask_schedule(num_tokens, num_iter)
+    slots = t2i.DEFAULT_BUCKETS.slots(steps)
+    visible, predicted = max(v for v, _ in slots), max(p for _, p in slots)
+
+    def rowwise(shape, dtype_):
+        return jax.ShapeDtypeStruct(shape, dtype_, sharding=sharding.batch_sharding(mesh, shape, rules))
+
+    def whole(shape, dtype_):
+        return jax.ShapeDtypeStruct(shape, dtype_, sharding=distributed.replicated(mesh))
+
+    cache = jax.eval_shape(lambda: KVCache.create(config.qwen2, rows, prompt_length, model.dtype))
+    cache = _with(cache, sharding.kv_cache_shardings(cache, mesh, rules))
+    token_dim = config.mar.token_dim
+    tokens = rowwise((rows, num_tokens, token_dim), np.float32)
+    orders = rowwise((batch, num_tokens), np.int32)
+    counts = whole((2,), np.int32)
+    condition = t2i._ConditionPlan(grid, visible, t2i.DEFAULT_BUCKETS.pads_visible, guided, False)
+    tables = jax.tree.map(lambda x: whole(np.shape(x), np.asarray(x).dtype), t2i._tables(config.diffusion))
+    halves = 2 if guided else 1
+    chain = rowwise((tables.num_steps, halves * batch * predicted, token_dim), np.float32)
+    z = rowwise((rows, num_tokens, config.mar.decoder_dim), model.dtype)
+    name = f"{batch} image(s) at {resolution} px, cfg {cfg:g}, {num_iter} steps"
+    return [
+        Program(f"sampler condition ({name}; {visible} visible slots)",
+                t2i._condition, (params, tokens, orders, cache, None, counts), (model, condition),
+                {"params": _shard_bytes(params), "kv cache": _shard_bytes(cache)}),
+        Program(f"sampler diffusion chain ({name}; {predicted} predicted slots)",
+                t2i._predict,
+                (params, tables, tokens, z, orders, counts, rowwise((batch * predicted, token_dim), np.float32),
+                 chain, whole((), np.float32), whole((), np.float32)),
+                (model, t2i._PredictPlan(predicted, guided, False)), {"params": _shard_bytes(params)}),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling and reporting
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-device figures of one compiled program (bytes, FLOPs, counts)."""
+
+    name: str
+    compile_seconds: float
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    peak: Optional[int]
+    generated_code: int
+    flops: float
+    bytes_accessed: float
+    collectives: dict[str, int]
+    parts: dict[str, int]
+    notes: list[str]
+
+    @property
+    def total(self) -> int:
+        """argument + output - alias + temp: what the chip must hold (MaxText's total memory)."""
+        return self.argument + self.output - self.alias + self.temp
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _oom_message(e: BaseException) -> Optional[str]:
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    line = next((l for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l or "memory" in l), text)
+    return line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """How many of each cross-device collective the optimised HLO holds (async starts counted once)."""
+    counts = {}
+    for op in COLLECTIVES:
+        counts[op] = len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo_text))
+    return counts
+
+
+def compile_program(program: Program) -> Report:
+    """Lower and compile `program`; raises `CompileOOM` (one line) when it does not fit in HBM."""
+    start = time.perf_counter()
+    try:
+        compiled = program.jitted.lower(*program.static, *program.args).compile()
+    except Exception as e:  # XlaRuntimeError / JaxRuntimeError, raised by libtpu's compiler
+        message = _oom_message(e)
+        if message is None:
+            raise
+        raise CompileOOM(f"{program.name}: does not fit in HBM: {message}") from None
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return Report(
+        name=program.name, compile_seconds=seconds, argument=memory.argument_size_in_bytes,
+        output=memory.output_size_in_bytes, alias=memory.alias_size_in_bytes, temp=memory.temp_size_in_bytes,
+        peak=getattr(memory, "peak_memory_in_bytes", None), generated_code=memory.generated_code_size_in_bytes,
+        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        collectives=count_collectives(compiled.as_text()), parts=dict(program.parts), notes=list(program.notes))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.2f} MiB"
+
+
+def format_report(r: Report) -> str:
+    lines = [f"{r.name}: compiled in {r.compile_seconds:.1f} s",
+             f"  per chip: total {_gib(r.total)} = argument {_gib(r.argument)} + output {_gib(r.output)} "
+             f"- alias {_gib(r.alias)} + temp {_gib(r.temp)}"
+             + (f"; XLA peak estimate {_gib(r.peak)}" if r.peak else "")]
+    if r.parts:
+        lines.append("  arguments per chip (from the shardings): "
+                     + ", ".join(f"{k} {_gib(v)}" for k, v in r.parts.items()))
+    lines.append(f"  flops per chip {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g} "
+                 f"(XLA counts a loop body once, not once per trip)")
+    lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in r.collectives.items()))
+    lines += [f"  note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The `compile` command
+
+
+def set_resolution(config, gen_resolution: Optional[int] = None, und_resolution: Optional[int] = None):
+    """Stage `config` with other image sides: the edit and understanding rows (whose `<image>`
+    ids grow with the side) get their maximum lengths and single length buckets recomputed."""
+    from configs.stages import image_tokens
+
+    d, mar = config.data, config.model.mar
+    text, answer = d.max_length.t2i, d.answer_slots
+    if gen_resolution:
+        d.gen_resolution = int(gen_resolution)
+        d.max_length.edit = image_tokens(d.gen_resolution, mar) + text
+        d.buckets.edit = (d.max_length.edit,)
+    if und_resolution:
+        d.und_resolution = int(und_resolution)
+        d.max_length.und = image_tokens(d.und_resolution, mar) + text + answer
+        d.buckets.und = (d.max_length.und,)
+    return config
+
+
+def stage_for_compile(stage: str, model_config=None, *, batch: Optional[int] = None,
+                      resolution: Optional[int] = None, und_resolution: Optional[int] = None,
+                      dtype: Optional[str] = None):
+    """Stage config "NAME[:ARG]" (configs/stages) with its model replaced by `model_config` (if
+    given), the global `batch` split by the stage's task ratio, and other image sides."""
+    from unipic_jax.train import loop
+
+    name, _, arg = stage.partition(":")
+    if batch:
+        arg = ",".join(filter(None, [arg, f"batch={batch}"]))
+    config = loop.load_stage_config(f"{name}:{arg}" if arg else name)
+    if model_config is not None:
+        config.model = model_config
+    if dtype:
+        config.model.dtype = dtype
+    return set_resolution(config, resolution, und_resolution)
+
+
+def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train: bool = False,
+                    stage: str = "sft", batch: Optional[int] = None, resolution: Optional[int] = None,
+                    und_resolution: Optional[int] = None, num_iter: int = 32, dtype: str = "bfloat16",
+                    num_slices: int = 1, echo: Callable[[str], None] = print) -> list[Report]:
+    """What `unipic-jax compile` runs: build the topology and mesh, compile the train step (`train`)
+    or the sampler's heaviest step programs, and `echo` each report. Raises `AotUnavailable`,
+    `CompileOOM` (the first program that does not fit) or ValueError (bad names or sizes)."""
+    spec = parse_topology(topology, num_slices)
+    devices = topology_devices(spec)
+    grid = topology_mesh(spec, mesh, devices)
+    sizes = " ".join(f"{a}={n}" for a, n in grid.shape.items())
+    echo(f"topology {spec.name} x {spec.num_slices} slice(s): {len(devices)} {devices[0].device_kind} devices "
+         f"(chip config {spec.chip_config_name}, wrap {spec.wrap}); mesh {sizes}")
+    if train:
+        config = stage_for_compile(stage, model_config, batch=batch, resolution=resolution,
+                                   und_resolution=und_resolution, dtype=dtype)
+        d = config.data
+        echo(f"stage {config.stage}: global batch {dict(d.batch_size)}, generation {d.gen_resolution} px, "
+             f"understanding {d.und_resolution} px, text lengths {dict(d.max_length)}, compute "
+             f"{config.model.dtype}, remat {config.remat}")
+        programs = [train_program(config, grid)]
+    else:
+        side = resolution or 1024
+        echo(f"sampler: {batch or 1} image(s) at {side} px, {num_iter} MAR steps, compute {dtype}")
+        programs = sampler_programs(model_config, grid, batch=batch or 1, resolution=side, num_iter=num_iter,
+                                    dtype=dtype)
+    reports = []
+    for program in programs:
+        report = compile_program(program)
+        echo(format_report(report))
+        reports.append(report)
+    if train:
+        echo(_plan_comparison(config, grid))
+    return reports
+
+
+def _plan_comparison(config, mesh: Mesh) -> str:
+    """The planner's per-device figures for the same model and mesh (shapes only), to set beside
+    the compiled program's arguments."""
+    from unipic_jax import plan
+
+    trainable = {t.split("/")[0] for t in config.optim.trainable}
+    abstract = plan.abstract_params(config.model)
+    frozen = tuple(k for k in abstract if k not in trainable)
+    p = plan.plan(abstract, dict(mesh.shape), train=True, frozen=frozen)
+    groups = ", ".join(f"{name} {_gib(device)}" for name, (_, device) in p.groups.items())
+    return f"plan on the same mesh (shapes only; frozen: {', '.join(frozen)}): {groups}"
