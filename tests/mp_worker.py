@@ -80,7 +80,8 @@ def main(out_dir: str, tokenizer_dir: str, data_dir: str, mesh_spec: str) -> Non
     np.savez(out / f"batch_{index}.npz", **flat(host_batch))
     say("trainer and this process's rows ready")
     batch = trainer.batch_sharding(host_batch)
-    state, metrics, _ = trainer.step(trainer.init_state(), batch, jax.random.key(KEY_SEED))
+    with jax.set_mesh(mesh):  # as `distributed.train_main` runs the trainer
+        state, metrics, _ = trainer.step(trainer.init_state(), batch, jax.random.key(KEY_SEED))
     params = distributed.gather(state.params)
     metrics = distributed.gather(metrics)
     if distributed.is_main_process():

@@ -182,7 +182,8 @@ def test_logging_from_process_zero_only():
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
         logging.getLogger().setLevel(level)
-    assert stream.getvalue().splitlines() == ["[p0] INFO unipic_jax.test: info", "[p0] WARNING unipic_jax.test: warning",
+    assert stream.getvalue().splitlines() == ["[p0] INFO unipic_jax.test: info",
+                                              "[p0] WARNING unipic_jax.test: warning",
                                               "[p1] WARNING unipic_jax.test: warning"]
 
 

@@ -31,6 +31,7 @@ once per trip.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -39,7 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from unipic_jax import distributed, sharding
 
@@ -167,13 +168,15 @@ def topology_mesh(spec: TopologySpec, mesh_spec: str | Mapping[str, int], device
 
 @dataclasses.dataclass
 class Program:
-    """`jitted.lower(*static, *args)` compiles it (`static`: leading static arguments);
-    `parts` names per-device argument bytes worth reporting, `notes` warnings about the placement."""
+    """`jitted.lower(*static, *args)` compiles it (`static`: leading static arguments), traced
+    with `mesh` as the abstract mesh (so `sharding.constrain` applies); `parts` names per-device
+    argument bytes worth reporting, `notes` warnings about the placement."""
 
     name: str
     jitted: Callable
     args: tuple
     static: tuple = ()
+    mesh: Optional[Mesh] = None
     parts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -245,7 +248,7 @@ def train_program(config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Program:
     parts = {"params": _shard_bytes(state.params), "optimizer state": _shard_bytes(state.opt_state),
              "ema": _shard_bytes(state.ema) if state.ema is not None else 0,
              "batch": _shard_bytes(_with(batch, step.batch))}
-    return Program(f"train step ({config.stage})", step.jitted, (state, _with(batch, step.batch), rng),
+    return Program(f"train step ({config.stage})", step.jitted, (state, _with(batch, step.batch), rng), mesh=mesh,
                    parts=parts, notes=_unsplit_batch_notes(batch, mesh, rules))
 
 
@@ -294,13 +297,13 @@ def sampler_programs(model_config, mesh: Mesh, *, batch: int, resolution: int, n
     name = f"{batch} image(s) at {resolution} px, cfg {cfg:g}, {num_iter} steps"
     return [
         Program(f"sampler condition ({name}; {visible} visible slots)",
-                t2i._condition, (params, tokens, orders, cache, None, counts), (model, condition),
+                t2i._condition, (params, tokens, orders, cache, None, counts), (model, condition), mesh,
                 {"params": _shard_bytes(params), "kv cache": _shard_bytes(cache)}),
         Program(f"sampler diffusion chain ({name}; {predicted} predicted slots)",
                 t2i._predict,
                 (params, tables, tokens, z, orders, counts, rowwise((batch * predicted, token_dim), np.float32),
                  chain, whole((), np.float32), whole((), np.float32)),
-                (model, t2i._PredictPlan(predicted, guided, False)), {"params": _shard_bytes(params)}),
+                (model, t2i._PredictPlan(predicted, guided, False)), mesh, {"params": _shard_bytes(params)}),
     ]
 
 
@@ -357,7 +360,10 @@ def compile_program(program: Program) -> Report:
     """Lower and compile `program`; raises `CompileOOM` (one line) when it does not fit in HBM."""
     start = time.perf_counter()
     try:
-        compiled = program.jitted.lower(*program.static, *program.args).compile()
+        mesh = program.mesh
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh else contextlib.nullcontext():
+            lowered = program.jitted.lower(*program.static, *program.args)
+        compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError, raised by libtpu's compiler
         message = _oom_message(e)
         if message is None:

@@ -257,12 +257,17 @@ def sharded_train_step(trainer, mesh: Mesh, batch: PyTree, rules=sharding.DEFAUL
                        state: Optional[PyTree] = None) -> ShardedStep:
     """`trainer.train_step` under `jax.jit` on `mesh`: in/out shardings for the state (donated),
     the batch (`batch`: arrays or ShapeDtypeStructs of the global shapes) and the key (replicated);
-    metrics come back replicated. `state` overrides `train_state_shardings`."""
+    metrics come back replicated. `state` overrides `train_state_shardings`. The step is traced
+    with `mesh` as the abstract mesh, so activation constraints (`sharding.constrain`) apply."""
     state = train_state_shardings(trainer, mesh, rules) if state is None else state
     batch = batch_shardings(mesh, batch, rules)
     rng = replicated(mesh)
-    jitted = jax.jit(trainer.train_step, in_shardings=(state, batch, rng), out_shardings=(state, rng),
-                     donate_argnums=(0,))
+
+    def train_step(state, batch, rng):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activates `sharding.constrain`
+            return trainer.train_step(state, batch, rng)
+
+    jitted = jax.jit(train_step, in_shardings=(state, batch, rng), out_shardings=(state, rng), donate_argnums=(0,))
     return ShardedStep(jitted, state, batch, rng)
 
 
@@ -306,4 +311,5 @@ def train_main(config_spec: str, data_spec: str, workdir: str, overrides=(), *, 
     log.info("training %s on mesh %s (%d processes): %d of %d params trainable", config.stage,
              dict(grid.shape), jax.process_count(), optim.count_params(trainer.initial_params, trainer.trainable),
              optim.count_params(trainer.initial_params))
-    return trainer.run(workdir, sources, progress=progress)
+    with jax.set_mesh(grid):  # the step is traced with the mesh: activation constraints apply
+        return trainer.run(workdir, sources, progress=progress)
