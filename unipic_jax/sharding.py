@@ -49,8 +49,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("qkv", "tensor"),  # fused [q; k; v] projections (MAR blocks, the SigLIP pooling head)
     ("mlp", "tensor"),  # MLP hidden width, adaLN modulation outputs
     ("features", "tensor"),  # inputs of bridging projections (another component's width)
-    ("conv_in", "tensor"),
-    ("conv_out", "fsdp"),
+    ("conv_in", "fsdp"),  # VAE conv kernels: input channels like "embed", outputs like "mlp" (see
+    ("conv_out", "tensor"),  # PARAM_AXES for why not the other way round)
     ("norm", None),  # norm scales and biases: small, kept whole
     ("length", None),  # sequence positions (activations, position tables, cache slots)
     ("layers", None),
@@ -104,7 +104,17 @@ PARAM_AXES: tuple[tuple[str, tuple], ...] = (
     ("siglip2/head/probe", (None, None, "embed")),
     ("siglip2/head/in_proj_kernel", ("embed", "qkv")),
     ("siglip2/head/in_proj_bias", ("qkv",)),
-    # VAE convolutions, HWIO (vae/)
+    # VAE convolutions, HWIO (vae/): split like a column-parallel Dense kernel, input channels over
+    # fsdp and output channels over tensor. Not (tensor, fsdp): XLA's SPMD partitioner (jax 0.10.2,
+    # Shardy and GSPMD alike) computes a dot or convolution wrongly when the activation is
+    # P(("data", "fsdp"), ..., "tensor"), the kernel (..., "tensor", "fsdp") and the output
+    # P(("data", "fsdp"), ..., "tensor") with data, fsdp and tensor all > 1: it permutes the
+    # activation's batch blocks into (fsdp, data) order and never back, so rows come out swapped.
+    # Nothing pins the VAE's activations and propagation picked exactly that layout in the encoder
+    # on (2,2,2). With the kernel (fsdp, tensor) no activation placement tried hits it (the repro:
+    # test_xla_partitions_row_parallel_matmul in tests/test_sharded_programs.py).
+    # The row-parallel Dense kernels above, (heads | mlp, embed), have the (tensor, fsdp) layout
+    # too: right only while their outputs' features stay off "tensor", as in the tested programs.
     ("vae/.*/kernel", (None, None, "conv_in", "conv_out")),
     # Norms of every component (LayerNorm, RMSNorm, GroupNorm)
     (".*/[^/]*(norm|_ln)[^/]*/(scale|bias)", ("norm",)),
