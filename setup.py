@@ -20,9 +20,14 @@ setup(
         "transformers==5.23.0",
         "grain==0.2.18",
         "tensorflow-datasets==4.9.10",
+        "tensorboardX==2.6.5",
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0"]},
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
+        # TPU runs and `unipic-jax compile` for TPU topologies on any host (libtpu 0.0.42.1).
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
     entry_points={"console_scripts": ["unipic-jax=unipic_jax.cli:main"]},
 )

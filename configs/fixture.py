@@ -34,6 +34,7 @@ def mar_section(ref: dict) -> dict:
         mlp_ratio=ref["mlp_ratio"], buffer_size=ref["buffer_size"], class_num=ref["class_num"],
         ln_eps=1e-6, mask_ratio_min=ref["mask_ratio_min"],
         diffusion_batch_mul=ref["diffusion_batch_mul"],
+        attn_dropout=ref.get("attn_dropout", 0.1), proj_dropout=ref.get("proj_dropout", 0.1),
     )
 
 

@@ -21,13 +21,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
     c.vae_scale = 0.2325  # latent std normaliser: tokens = mode * vae_scale
 
-    # MAR-Huge encoder/decoder (timm blocks, pre-LN eps 1e-6, erf GELU, qkv bias).
+    # MAR-Huge encoder/decoder (timm blocks, pre-LN eps 1e-6, erf GELU, qkv bias). The dropouts act
+    # in training only: attn_dropout on the attention probabilities, proj_dropout after attn.proj,
+    # the MLP's GELU and fc2 (timm's attn_drop / proj_drop).
     c.mar = ml_collections.ConfigDict(dict(
         img_size=512, vae_stride=16, patch_size=1, token_dim=16,
         encoder_dim=1280, encoder_depth=20, encoder_heads=16,
         decoder_dim=1280, decoder_depth=20, decoder_heads=16,
         mlp_ratio=4, buffer_size=64, class_num=1000, ln_eps=1e-6,
-        mask_ratio_min=0.7, diffusion_batch_mul=4,
+        mask_ratio_min=0.7, diffusion_batch_mul=4, attn_dropout=0.1, proj_dropout=0.1,
     ))
 
     # DiffLoss: SimpleMLPAdaLN head + Gaussian diffusion (cosine betas capped at 0.2).

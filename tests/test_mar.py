@@ -5,6 +5,7 @@ trip, error report, full-size layout). Sizes come from mar/meta.json and the io 
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,55 @@ def test_block_matches_timm(stack):
     # float32 against a float64 reference: a block's rounding is ~1e-6 of max|ref|; 1e-5 still
     # catches a tanh GELU (~1e-3) or a wrong q/k/v or head split (O(1)).
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def _block_case(attn_dropout: float, proj_dropout: float):
+    config = _config()
+    block = Block(config.encoder_heads, config.mlp_ratio, config.ln_eps, attn_dropout=attn_dropout,
+                  proj_dropout=proj_dropout)
+    length = config.buffer_size + config.seq_len
+    x = np.random.default_rng(1).standard_normal((2, length, config.encoder_dim)).astype(np.float32)
+    return config, block, block.init(jax.random.key(0), x), x
+
+
+def test_block_dropout_sites_follow_timm():
+    # timm's Block(attn_drop, proj_drop): attention probabilities (b, heads, l, l) at attn_drop;
+    # attn.proj's output, the MLP hidden after GELU and fc2's output at proj_drop.
+    config, block, variables, x = _block_case(0.25, 0.5)
+    b, length, d = x.shape
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout):
+            seen.append((context.module.rate, args[0].shape))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        block.apply(variables, x, None, False, rngs={"dropout": jax.random.key(1)})
+    assert sorted(seen) == sorted([(0.25, (b, config.encoder_heads, length, length)), (0.5, (b, length, d)),
+                                   (0.5, (b, length, config.mlp_ratio * d)), (0.5, (b, length, d))])
+
+
+def test_block_dropout_only_in_training():
+    _, block, variables, x = _block_case(0.1, 0.1)
+    _, plain, _, _ = _block_case(0.0, 0.0)
+    want = plain.apply(variables, x)
+    np.testing.assert_array_equal(block.apply(variables, x), want)  # eval (the default): no dropout
+    train = lambda key: block.apply(variables, x, None, False, rngs={"dropout": key})
+    np.testing.assert_array_equal(train(jax.random.key(1)), train(jax.random.key(1)))  # keyed, repeatable
+    assert not np.allclose(train(jax.random.key(1)), want, atol=1e-3)
+    assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)), atol=1e-3)
+    # proj_drop = 1 drops both residual branches (attn.proj and fc2 outputs): the block is the identity.
+    _, dropped, _, _ = _block_case(0.0, 1.0)
+    np.testing.assert_array_equal(dropped.apply(variables, x, None, False, rngs={"dropout": jax.random.key(1)}), x)
+
+
+def test_dropout_rates_are_the_reference_values():
+    # mar_huge(attn_dropout=0.1, proj_dropout=0.1) (reference-spec §3.1); the fixture records its own.
+    full = MARConfig(**unipic_1p5b.get_config().mar)
+    assert (full.attn_dropout, full.proj_dropout) == (0.1, 0.1)
+    meta = FX.meta["config"]
+    assert (_config().attn_dropout, _config().proj_dropout) == (meta["attn_dropout"], meta["proj_dropout"])
 
 
 @pytest.mark.parametrize("src, dst, buffer", [

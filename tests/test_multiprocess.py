@@ -191,5 +191,5 @@ def test_global_batch_in_one_process():
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
     host = {"t2i": {"image": np.arange(8 * 3, dtype=np.float32).reshape(8, 3)}}
     placed = distributed.global_batch(host, mesh)["t2i"]["image"]
-    assert placed.sharding.spec == P(("data", "fsdp"), None)
+    assert placed.sharding.spec == P(("fsdp", "data"), None)
     np.testing.assert_array_equal(np.asarray(placed), host["t2i"]["image"])

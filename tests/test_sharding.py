@@ -86,7 +86,7 @@ def test_resolve_takes_first_free_dividing_candidate():
     # The batch takes data and fsdp, so an activation's embed dimension (were it named "embed")
     # finds fsdp taken and stays whole.
     r = sharding.resolve(("batch", "embed"), (4, 8), sizes)
-    assert r.spec == P(("data", "fsdp"), None) and r.fallbacks == (sharding.Fallback(1, "embed", 8),)
+    assert r.spec == P(("fsdp", "data"), None) and r.fallbacks == (sharding.Fallback(1, "embed", 8),)
     # A batch of 2 does not divide data x fsdp = 4: the next candidate, data alone.
     assert sharding.resolve(("batch",), (2,), sizes).spec == P("data")
     # 3 divides nothing: kept whole and reported; "norm" is kept whole by choice (no fallback).
@@ -245,13 +245,13 @@ def test_constrain_places_activations_inside_a_mesh():
     f = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "length", "act_mlp")))
     with jax.set_mesh(mesh):
         y = f(jnp.ones((8, 4, 16)))
-    assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    assert y.sharding.spec == P(("fsdp", "data"), None, "tensor")
     assert y.addressable_shards[0].data.shape == (2, 4, 8)
 
 
 def test_batch_sharding():
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
-    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert sharding.batch_sharding(mesh).spec == P(("fsdp", "data"))
     assert sharding.batch_sharding(mesh, (2, 5)).spec == P("data", None)
     assert sharding.batch_sharding(mesh, (1, 5)).spec == P(None, None)
 

@@ -1,4 +1,5 @@
-"""The training loop on the tiny smoke stage and the synthetic coloured-shapes data.
+"""The training loop on the tiny smoke stage and the synthetic coloured-shapes data (metrics in
+metrics.jsonl and TensorBoard event files read back).
 
 One Trainer (one compiled step) serves every test: an uninterrupted 50-step run is the reference;
 a second run is killed in the middle of its step-20 save (the data item's write raises, leaving an
@@ -8,7 +9,9 @@ metrics bitwise (same compiled program, same params restored bit for bit, same d
 per-step keys).
 """
 
+import collections
 import json
+import struct
 from pathlib import Path
 
 import grain
@@ -52,6 +55,36 @@ def test_every_task_loss_falls(env):
     logged = [json.loads(line) for line in (env["root"] / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, STEPS + 1))  # log_every = 1
     assert {"loss/t2i", "loss/edit", "loss/und", "grad_norm", "lr", "tokens_per_s", "steps_per_s"} <= set(logged[-1])
+
+
+def _read_events(path: Path) -> list:
+    """The Event protos of a TensorBoard event file: TFRecord framing (u64 length, u32 masked
+    crc32c of it, payload, u32 masked crc32c of the payload), checksums verified."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    raw, events, at = path.read_bytes(), [], 0
+    while at < len(raw):
+        header = raw[at:at + 8]
+        (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", raw[at + 8:at + 12])
+        payload = raw[at + 12:at + 12 + length]
+        (payload_crc,) = struct.unpack("<I", raw[at + 12 + length:at + 16 + length])
+        assert header_crc == masked_crc32c(header) and payload_crc == masked_crc32c(payload)
+        events.append(event_pb2.Event.FromString(payload))
+        at += 16 + length
+    return events
+
+
+def test_tensorboard_scalars_read_back(env):
+    files = list((env["root"] / "a" / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    scalars = collections.defaultdict(dict)
+    for event in _read_events(files[0]):
+        for value in event.summary.value:
+            scalars[value.tag][event.step] = value.simple_value
+    logged = [json.loads(line) for line in (env["root"] / "a" / "metrics.jsonl").read_text().splitlines()]
+    for tag in ("loss", "loss/t2i", "loss/edit", "loss/und", "grad_norm", "lr"):
+        assert scalars[tag] == {r["step"]: float(np.float32(r[tag])) for r in logged}, tag  # float32 in the proto
 
 
 def test_frozen_params_are_bit_identical(env):

@@ -39,7 +39,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axes, tried in order (see the module docstring).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    # Batch rows over fsdp-major (fsdp, data), not (data, fsdp): with three axes > 1, XLA's SPMD
+    # partitioner (jax 0.10.2) reorders batch blocks into (fsdp, data) order around some tensor-split
+    # dots and never back, so activations pinned (data, fsdp)-major come out with rows swapped
+    # (tests/test_sharded_programs.py). Which device holds which rows is otherwise free.
+    ("batch", ("fsdp", "data")),
     ("batch", "data"),  # a global batch that data x fsdp does not divide
     ("batch", "fsdp"),
     ("embed", "fsdp"),  # the residual-stream width of a component

@@ -2,7 +2,7 @@
 
 `get_config(arg)` in pt.py, align.py, ct.py, sft.py and smoke.py returns a ConfigDict with
 
-  stage, seed, total_steps, log_every, remat ("none" | "components"), init_from (a
+  stage, seed, total_steps, log_every, remat (gradient checkpointing, below), init_from (a
   unipic_jax.checkpoint directory: the previous stage's exported params), tokenizer (a Hugging
   Face folder; empty = a byte-level stand-in for tiny models), peak_flops (per device, 0 = by
   device kind), model (the configs/unipic_1p5b.py schema plus `dtype`, the compute dtype),
@@ -14,6 +14,12 @@
 
 `arg` is "key=value,key=value" over a few shortcuts: steps (total_steps), batch (global batch,
 split over the tasks by the stage's ratios), lr, seed, tokenizer, init_from, dtype.
+
+remat: "none" keeps every activation for the backward pass; "components" rematerialises the MAR
+encoder, the LLM, the MAR decoder and the diffusion head each as a whole; "blocks" (the default of
+the real stages) rematerialises every transformer block / ResBlock inside every component on its own,
+keeping only each block's input: the least activation memory, about one extra forward of compute.
+The smoke stage uses "none".
 
 Progressive resolution: each stage sets gen/und resolutions; the MAR keeps its position tables at
 the native grid and resizes them on the fly (bilinear, as the reference), so moving between stages
@@ -61,7 +67,7 @@ def stage_config(stage: str, *, lr: float, schedule: str, weight_decay: float, w
     c.seed = 0
     c.total_steps = total_steps
     c.log_every = 10
-    c.remat = "components"
+    c.remat = "blocks"
     c.init_from = ""
     c.tokenizer = ""
     c.peak_flops = 0.0

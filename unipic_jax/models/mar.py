@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unipic_jax.models.layers import Dense, einsum
+from unipic_jax.sharding import constrain
+
 Dtype = Any
 Grid = tuple[int, int]
 
@@ -44,7 +47,7 @@ class MARConfig:
     The native latent grid is `img_size // vae_stride // patch_size` on each side; `token_dim` is
     the VAE latent width times `patch_size**2`. `class_num`, `mask_ratio_min` and
     `diffusion_batch_mul` do not enter the encoder/decoder forward (class_num sizes the unused
-    `class_emb`; the others belong to training).
+    `class_emb`; the others belong to training), nor do the training-only dropout rates.
     """
 
     img_size: int
@@ -63,6 +66,8 @@ class MARConfig:
     ln_eps: float
     mask_ratio_min: float
     diffusion_batch_mul: int
+    attn_dropout: float = 0.1  # on the attention probabilities (training only)
+    proj_dropout: float = 0.1  # after attn.proj, the MLP's GELU and fc2 (training only)
 
     @property
     def grid(self) -> Grid:
@@ -83,7 +88,7 @@ def _layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.Laye
 
 def _dense(features: int, dtype: Dtype, name: Optional[str] = None) -> nn.Dense:
     """nn.Linear with bias; xavier-uniform/zero init as the reference's `initialize_weights`."""
-    return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
+    return Dense(features, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
 
 
 class Attention(nn.Module):
@@ -91,52 +96,63 @@ class Attention(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attn_dropout: float = 0.0
+    proj_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x_bld, key_mask_bl=None):
+    def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True):
         """`key_mask_bl` (b, l) bool, False for padding slots no token may attend to (None: all)."""
         b, l, d = x_bld.shape
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, "qkv")(x_bld).reshape(b, l, 3, self.num_heads, head_dim)
         q_blnh, k_blnh, v_blnh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits_bnqk = jnp.einsum("bqnh,bknh->bnqk", q_blnh * head_dim ** -0.5, k_blnh).astype(jnp.float32)
+        logits_bnqk = einsum("bqnh,bknh->bnqk", q_blnh * head_dim ** -0.5, k_blnh).astype(jnp.float32)
         if key_mask_bl is not None:
             logits_bnqk = jnp.where(key_mask_bl[:, None, None, :], logits_bnqk, jnp.finfo(jnp.float32).min)
         weights_bnqk = jax.nn.softmax(logits_bnqk, axis=-1).astype(self.dtype)
-        out_blnh = jnp.einsum("bnqk,bknh->bqnh", weights_bnqk, v_blnh)
-        return _dense(d, self.dtype, "proj")(out_blnh.reshape(b, l, d))
+        weights_bnqk = nn.Dropout(self.attn_dropout)(weights_bnqk, deterministic)
+        out_blnh = einsum("bnqk,bknh->bqnh", weights_bnqk, v_blnh)
+        out_bld = _dense(d, self.dtype, "proj")(out_blnh.reshape(b, l, d))
+        return nn.Dropout(self.proj_dropout)(out_bld, deterministic)
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2."""
+    """fc1 -> exact (erf) GELU -> dropout -> fc2 -> dropout."""
 
     hidden: int
     dtype: Dtype = jnp.float32
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x_bld):
+    def __call__(self, x_bld, deterministic: bool = True):
         h = nn.gelu(_dense(self.hidden, self.dtype, "fc1")(x_bld), approximate=False)
-        return _dense(x_bld.shape[-1], self.dtype, "fc2")(h)
+        h = nn.Dropout(self.dropout)(h, deterministic)
+        return nn.Dropout(self.dropout)(_dense(x_bld.shape[-1], self.dtype, "fc2")(h), deterministic)
 
 
 class Block(nn.Module):
-    """timm 0.9.12 `vision_transformer.Block` as MAR builds it: pre-LN, no LayerScale/DropPath.
-
-    Dropout is absent: the reference runs it only in training (rate 0.1).
-    """
+    """timm 0.9.12 `vision_transformer.Block` as MAR builds it: pre-LN, no LayerScale/DropPath,
+    `attn_drop=attn_dropout`, `proj_drop=proj_dropout` (off unless `deterministic=False`)."""
 
     num_heads: int
     mlp_ratio: int
     ln_eps: float
     dtype: Dtype = jnp.float32
+    attn_dropout: float = 0.0
+    proj_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x_bld, key_mask_bl=None):
+    def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True):
         d = x_bld.shape[-1]
-        x_bld = x_bld + Attention(self.num_heads, self.dtype, name="attn")(
-            _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld), key_mask_bl)
-        return x_bld + Mlp(self.mlp_ratio * d, self.dtype, name="mlp")(
-            _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld))
+        x_bld = x_bld + Attention(self.num_heads, self.dtype, self.attn_dropout, self.proj_dropout, name="attn")(
+            _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld), key_mask_bl, deterministic)
+        x_bld = x_bld + Mlp(self.mlp_ratio * d, self.dtype, self.proj_dropout, name="mlp")(
+            _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld), deterministic)
+        return x_bld
+
+
+# `deterministic` (argument 3, counting self) is a Python bool: static under the remat.
+RematBlock = nn.remat(Block, static_argnums=(3,))
 
 
 def _bilinear_weights(src: int, dst: int) -> np.ndarray:
@@ -198,10 +214,12 @@ class MAR(nn.Module):
 
     config: MARConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False  # rematerialise each block in the backward pass (training memory)
 
     def setup(self):
         c = self.config
-        block = functools.partial(Block, mlp_ratio=c.mlp_ratio, ln_eps=c.ln_eps, dtype=self.dtype)
+        block = functools.partial(RematBlock if self.remat else Block, mlp_ratio=c.mlp_ratio, ln_eps=c.ln_eps,
+                                  dtype=self.dtype, attn_dropout=c.attn_dropout, proj_dropout=c.proj_dropout)
         image_len = c.seq_len
         self.z_proj = _dense(c.encoder_dim, self.dtype)
         self.z_proj_ln = _layer_norm(c.ln_eps, self.dtype)
@@ -236,16 +254,19 @@ class MAR(nn.Module):
         buffer_bk = jnp.broadcast_to(jnp.arange(buffer, dtype=jnp.int32), (visible_bv.shape[0], buffer))
         return jnp.concatenate([buffer_bk, buffer + visible_bv.astype(jnp.int32)], axis=1)
 
-    def encode(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None):
+    def encode(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None, *,
+               deterministic: bool = True):
         """Tokens (b, h*w, token_dim) and mask (b, h*w) -> (b, buffer + num_visible, encoder_dim).
 
         `num_visible` (a Python int) is the number of zeros in every mask row; `image_shape` is the
         latent grid (h, w), None for the native one. Output order: buffer tokens, then the visible
-        tokens in raster order.
+        tokens in raster order. `deterministic=False` turns the blocks' dropout on (training).
         """
-        return self.encode_at(x_blc, visible_positions(mask_bl, num_visible), image_shape)
+        return self.encode_at(x_blc, visible_positions(mask_bl, num_visible), image_shape,
+                              deterministic=deterministic)
 
-    def encode_at(self, x_blc, visible_bv, image_shape: Optional[Grid] = None, *, padded: bool = False):
+    def encode_at(self, x_blc, visible_bv, image_shape: Optional[Grid] = None, *, padded: bool = False,
+                  deterministic: bool = True):
         """`encode` given the kept raster positions `visible_bv` (b, V), ascending, instead of a mask.
 
         With `padded`, entries >= h*w mark padding slots (after the real ones): they hold a copy of
@@ -267,10 +288,11 @@ class MAR(nn.Module):
         if padded:
             key_mask_bk = jnp.concatenate([jnp.ones((b, c.buffer_size), bool), visible_bv < image_len], axis=1)
         for blk in self.encoder_blocks:
-            x_bkd = blk(x_bkd, key_mask_bk)
+            x_bkd = constrain(blk(x_bkd, key_mask_bk, deterministic), ("batch", "length", "act_embed"))
         return self.encoder_norm(x_bkd)
 
-    def decode(self, x_enc_bkd, mask_bl, image_shape: Optional[Grid] = None, x_con_bsd=None):
+    def decode(self, x_enc_bkd, mask_bl, image_shape: Optional[Grid] = None, x_con_bsd=None, *,
+               deterministic: bool = True):
         """Encoder output (b, buffer + V, encoder_dim) and mask -> (b, h*w, decoder_dim).
 
         The canvas is `mask_token` everywhere, or `decoder_embed(x_con_bsd)` when a full-length
@@ -279,9 +301,10 @@ class MAR(nn.Module):
         """
         self._grid(image_shape, mask_bl.shape[1])
         visible_bv = visible_positions(mask_bl, x_enc_bkd.shape[1] - self.config.buffer_size)
-        return self.decode_at(x_enc_bkd, visible_bv, image_shape, x_con_bsd)
+        return self.decode_at(x_enc_bkd, visible_bv, image_shape, x_con_bsd, deterministic=deterministic)
 
-    def decode_at(self, x_enc_bkd, visible_bv, image_shape: Optional[Grid] = None, x_con_bsd=None):
+    def decode_at(self, x_enc_bkd, visible_bv, image_shape: Optional[Grid] = None, x_con_bsd=None, *,
+                  deterministic: bool = True):
         """`decode` given the encoder's kept positions `visible_bv` (b, V) instead of a mask;
         rows at entries >= h*w (padding slots of `encode_at`) are dropped."""
         c = self.config
@@ -298,7 +321,7 @@ class MAR(nn.Module):
         x_bsd = canvas_bsd.at[jnp.arange(b)[:, None], kept_bk].set(x_bkd, mode="drop")
         x_bsd = x_bsd + self._pos_embed(self.decoder_pos_embed_learned, grid)
         for blk in self.decoder_blocks:
-            x_bsd = blk(x_bsd)
+            x_bsd = constrain(blk(x_bsd, None, deterministic), ("batch", "length", "act_embed"))
         x_bld = self.decoder_norm(x_bsd)[:, c.buffer_size:]
         return x_bld + self._pos_embed(self.diffusion_pos_embed_learned, grid)
 

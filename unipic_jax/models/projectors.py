@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unipic_jax.models.layers import Dense
+
 
 class MLPProjector(nn.Module):
     """Dense(hidden) -> SiLU -> Dense(out), both with bias; applies to the last axis."""
@@ -25,5 +27,5 @@ class MLPProjector(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        return nn.Dense(self.out, dtype=self.dtype, name="fc2")(jax.nn.silu(h))
+        h = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        return Dense(self.out, dtype=self.dtype, name="fc2")(jax.nn.silu(h))

@@ -12,7 +12,8 @@ UniPic drives the LLM through three cache calls, all with static shapes:
     writing anything -- what the reference gets by truncating its cache after every MAR step;
   * `decode`: the same attention, then append the new K/V at the cache length (text generation).
 `__call__` is the plain cache-free forward (parity, training). RMSNorm statistics, RoPE cos/sin and
-the attention softmax are float32 whatever the compute `dtype`.
+the attention softmax are float32 whatever the compute `dtype`. With `remat=True` every decoder
+layer is rematerialised on its own in the backward pass (`nn.remat`; param names unchanged).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from unipic_jax.models.layers import Dense, einsum
+from unipic_jax.sharding import constrain
 
 Dtype = Any
 
@@ -154,7 +158,7 @@ class Qwen2MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
+        dense = lambda n, name: Dense(n, use_bias=False, dtype=self.dtype, name=name)
         inter = self.config.intermediate_size
         h = nn.silu(dense(inter, "gate_proj")(x_btd)) * dense(inter, "up_proj")(x_btd)
         return dense(self.config.hidden_size, "down_proj")(h)
@@ -175,7 +179,7 @@ class Qwen2Attention(nn.Module):
         groups = cfg.num_heads // cfg.num_kv_heads
 
         def project(heads, name, bias=True):
-            y = nn.Dense(heads * cfg.head_dim, use_bias=bias, dtype=self.dtype, name=name)(x_btd)
+            y = Dense(heads * cfg.head_dim, use_bias=bias, dtype=self.dtype, name=name)(x_btd)
             return y.reshape(b, t, heads, cfg.head_dim)
 
         q_bthk = apply_rope(project(cfg.num_heads, "q_proj"), cos_btk, sin_btk)
@@ -188,12 +192,12 @@ class Qwen2Attention(nn.Module):
 
         # Query head h = kv_head * groups + g reads KV head `kv_head`; K/V are never repeated.
         q_btkgd = q_bthk.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, keys) * cfg.head_dim ** -0.5
+        scores = einsum("btkgd,bskd->bkgts", q_btkgd, keys) * cfg.head_dim ** -0.5
         scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+        out_btkgd = einsum("bkgts,bskd->btkgd", probs, values)
         out_btd = out_btkgd.reshape(b, t, cfg.num_heads * cfg.head_dim)
-        out_btd = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, name="o_proj")(out_btd)
+        out_btd = Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, name="o_proj")(out_btd)
         return out_btd, (k_btkd, v_btkd)
 
 
@@ -206,13 +210,17 @@ class Qwen2DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_btd, cos_btk, sin_btk, mask_bts, past_k_bskd=None, past_v_bskd=None):
         eps = self.config.rms_eps
+        x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
         h, kv = Qwen2Attention(self.config, self.dtype, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x_btd), cos_btk, sin_btk, mask_bts,
             past_k_bskd, past_v_bskd)
         x_btd = x_btd + h
         x_btd = x_btd + Qwen2MLP(self.config, self.dtype, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x_btd))
-        return x_btd, kv
+        return constrain(x_btd, ("batch", "length", "act_embed")), kv
+
+
+RematDecoderLayer = nn.remat(Qwen2DecoderLayer)  # every argument is an array (or None)
 
 
 def _causal(t: int) -> jax.Array:
@@ -224,15 +232,17 @@ class Qwen2(nn.Module):
 
     config: Qwen2Config
     dtype: Dtype = jnp.float32
+    remat: bool = False  # rematerialise each decoder layer in the backward pass (training memory)
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                      embedding_init=nn.initializers.normal(0.02))
-        self.layers = [Qwen2DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+        layer = RematDecoderLayer if self.remat else Qwen2DecoderLayer
+        self.layers = [layer(cfg, self.dtype) for _ in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_eps, self.dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype)
+            self.lm_head = Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype)
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_inv_freq_dtype)
 
     def embed(self, ids_bt: jax.Array) -> jax.Array:

@@ -10,7 +10,8 @@ pixels (B, S, S, C) in [-1, 1]
 
 The position table is used at its native size only (UniPic feeds 512 px to a 512 px tower); any
 other input size is an error rather than a silent interpolation. Norm statistics and softmax run in
-float32 whatever the compute `dtype`.
+float32 whatever the compute `dtype`. With `remat=True` every encoder layer is rematerialised on its
+own in the backward pass (`nn.remat`; param names unchanged).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from unipic_jax.models.layers import Dense, einsum
+from unipic_jax.sharding import constrain
 
 Dtype = Any
 
@@ -72,9 +76,9 @@ def _split_heads(x_btd: jax.Array, num_heads: int) -> jax.Array:
 def _attention(q_bqhk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, dtype: Dtype) -> jax.Array:
     """Softmax(q k^T * head_dim^-0.5) v with the softmax in float32; returns (B, Q, H, K)."""
     scale = q_bqhk.shape[-1] ** -0.5
-    logits_bhqs = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk) * scale
+    logits_bhqs = einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk) * scale
     probs_bhqs = jax.nn.softmax(logits_bhqs.astype(jnp.float32), axis=-1).astype(dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", probs_bhqs, v_bshk)
+    return einsum("bhqs,bshk->bqhk", probs_bhqs, v_bshk)
 
 
 class SiglipMLP(nn.Module):
@@ -86,9 +90,9 @@ class SiglipMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btf = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x_btd)
+        h_btf = Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x_btd)
         h_btf = jax.nn.gelu(h_btf, approximate=True)
-        return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h_btf)
+        return Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h_btf)
 
 
 class SiglipAttention(nn.Module):
@@ -101,11 +105,11 @@ class SiglipAttention(nn.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.config
         q_bthk, k_bthk, v_bthk = (
-            _split_heads(nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)(x_btd), cfg.num_heads)
+            _split_heads(Dense(cfg.hidden_size, dtype=self.dtype, name=name)(x_btd), cfg.num_heads)
             for name in ("q_proj", "k_proj", "v_proj"))
         o_bthk = _attention(q_bthk, k_bthk, v_bthk, self.dtype)
         o_btd = o_bthk.reshape(x_btd.shape[:2] + (cfg.hidden_size,))
-        return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="out_proj")(o_btd)
+        return Dense(cfg.hidden_size, dtype=self.dtype, name="out_proj")(o_btd)
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -117,10 +121,15 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.config
+        x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
         h = _layer_norm(cfg.ln_eps, self.dtype, "layer_norm1")(x_btd)
         x_btd = x_btd + SiglipAttention(cfg, self.dtype, name="self_attn")(h)
         h = _layer_norm(cfg.ln_eps, self.dtype, "layer_norm2")(x_btd)
-        return x_btd + SiglipMLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h)
+        x_btd = x_btd + SiglipMLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h)
+        return constrain(x_btd, ("batch", "length", "act_embed"))
+
+
+RematEncoderLayer = nn.remat(SiglipEncoderLayer)
 
 
 class SiglipEmbeddings(nn.Module):
@@ -166,7 +175,7 @@ class SiglipPoolingHead(nn.Module):
         n = cfg.num_heads
         o_b1hk = _attention(_split_heads(q_b1d, n), _split_heads(kv_bt2d[..., :d], n),
                             _split_heads(kv_bt2d[..., d:], n), self.dtype)
-        y_b1d = nn.Dense(d, dtype=self.dtype, name="out_proj")(o_b1hk.reshape(b, 1, d))
+        y_b1d = Dense(d, dtype=self.dtype, name="out_proj")(o_b1hk.reshape(b, 1, d))
         h = _layer_norm(cfg.ln_eps, self.dtype, "layernorm")(y_b1d)
         y_b1d = y_b1d + SiglipMLP(d, cfg.intermediate_size, self.dtype, name="mlp")(h)
         return y_b1d[:, 0]
@@ -181,11 +190,13 @@ class SiglipVisionModel(nn.Module):
 
     config: SiglipConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False  # rematerialise each encoder layer in the backward pass (training memory)
 
     def setup(self):
         cfg = self.config
         self.embeddings = SiglipEmbeddings(cfg, self.dtype)
-        self.layers = [SiglipEncoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+        layer = RematEncoderLayer if self.remat else SiglipEncoderLayer
+        self.layers = [layer(cfg, self.dtype) for _ in range(cfg.num_layers)]
         self.post_layernorm = _layer_norm(cfg.ln_eps, self.dtype)
         if cfg.use_head:
             self.head = SiglipPoolingHead(cfg, self.dtype)

@@ -149,17 +149,20 @@ class UniPic(nn.Module):
 
     config: UniPicConfig
     dtype: Dtype = jnp.float32
+    # Rematerialise every transformer block / ResBlock of the MAR, the diffusion head, the LLM and
+    # SigLIP2 in the backward pass (training memory; the frozen, gradient-free VAE is left as is).
+    remat: bool = False
 
     def setup(self):
         c = self.config
         llm_dim, mar_dim = c.projectors.llm_dim, c.projectors.mar_dim
         self.vae = AutoencoderKL(c.vae, self.dtype)
-        self.mar = MAR(c.mar, self.dtype)
-        self.diffusion_head = SimpleMLPAdaLN(c.diffusion, self.dtype)
-        self.llm = Qwen2(llm_config(c, self.dtype), self.dtype)
+        self.mar = MAR(c.mar, self.dtype, self.remat)
+        self.diffusion_head = SimpleMLPAdaLN(c.diffusion, self.dtype, self.remat)
+        self.llm = Qwen2(llm_config(c, self.dtype), self.dtype, self.remat)
         self.proj_in = MLPProjector(llm_dim, llm_dim, self.dtype)
         self.proj_out = MLPProjector(llm_dim, mar_dim, self.dtype)
-        self.siglip2 = SiglipVisionModel(c.siglip, self.dtype)
+        self.siglip2 = SiglipVisionModel(c.siglip, self.dtype, self.remat)
         self.siglip2_proj = MLPProjector(llm_dim, llm_dim, self.dtype)
 
     # --- pixels <-> tokens
@@ -174,17 +177,19 @@ class UniPic(nn.Module):
 
     # --- MAR <-> LLM
 
-    def extract_visual_feature(self, tokens_bmnc, mask_bl=None, num_visible: Optional[int] = None):
+    def extract_visual_feature(self, tokens_bmnc, mask_bl=None, num_visible: Optional[int] = None, *,
+                               deterministic: bool = True):
         """MAR encoder (fake_latent buffer) then proj_in, buffer moved to the end.
 
         `mask_bl` (b, m*n), 1 = masked, with `num_visible` (Python int) zeros per row; None keeps
         every token. Returns `(x_enc, z_enc)`: x_enc (b, buffer + V, mar_dim) in MAR order,
-        z_enc (b, V + buffer, llm_dim) in LLM order.
+        z_enc (b, V + buffer, llm_dim) in LLM order. `deterministic=False`: MAR dropout on (training).
         """
         b, m, n, c = tokens_bmnc.shape
         if mask_bl is None:
             mask_bl, num_visible = jnp.zeros((b, m * n), jnp.float32), m * n
-        x_enc = self.mar.encode(tokens_bmnc.reshape(b, m * n, c), mask_bl, num_visible, (m, n))
+        x_enc = self.mar.encode(tokens_bmnc.reshape(b, m * n, c), mask_bl, num_visible, (m, n),
+                                deterministic=deterministic)
         return x_enc, buffer_last(self.proj_in(x_enc), num_visible, self.config.buffer_size)
 
     def bridge(self, x_enc_bkd, z_llm_bkd, num_visible):
@@ -269,12 +274,12 @@ class UniPic(nn.Module):
 
 def head_module(model: UniPic) -> SimpleMLPAdaLN:
     """The diffusion head as a stand-alone module; its params are `params["diffusion_head"]`."""
-    return SimpleMLPAdaLN(model.config.diffusion, model.dtype)
+    return SimpleMLPAdaLN(model.config.diffusion, model.dtype, model.remat)
 
 
 def llm_module(model: UniPic) -> Qwen2:
     """The LLM as a stand-alone module; its params are `params["llm"]`."""
-    return Qwen2(llm_config(model.config, model.dtype), model.dtype)
+    return Qwen2(llm_config(model.config, model.dtype), model.dtype, model.remat)
 
 
 def llm_config(config: UniPicConfig, dtype: Dtype) -> Qwen2Config:

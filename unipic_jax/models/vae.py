@@ -18,6 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unipic_jax.models.layers import einsum
+from unipic_jax.sharding import constrain
+
 Dtype = Any
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -80,7 +83,7 @@ class ResnetBlock(nn.Module):
         skip = x_bhwc
         if x_bhwc.shape[-1] != self.out_ch:
             skip = _conv(self.out_ch, 1, "nin_shortcut", self.dtype)(x_bhwc)
-        return skip + h
+        return constrain(skip + h, ("batch", "length", "length", "act_embed"))
 
 
 class AttnBlock(nn.Module):
@@ -95,9 +98,9 @@ class AttnBlock(nn.Module):
         h = _group_norm(self.config, "norm", x_bhwc)
         q_bsc, k_bsc, v_bsc = (
             _conv(c, 1, name, self.dtype)(h).reshape(b, height * width, c) for name in ("q", "k", "v"))
-        logits_bst = jnp.einsum("bsc,btc->bst", q_bsc, k_bsc).astype(jnp.float32) * c ** -0.5
+        logits_bst = einsum("bsc,btc->bst", q_bsc, k_bsc).astype(jnp.float32) * c ** -0.5
         weights_bst = jax.nn.softmax(logits_bst, axis=-1).astype(self.dtype)
-        out_bsc = jnp.einsum("bst,btc->bsc", weights_bst, v_bsc)
+        out_bsc = einsum("bst,btc->bsc", weights_bst, v_bsc)
         return x_bhwc + _conv(c, 1, "proj_out", self.dtype)(out_bsc.reshape(b, height, width, c))
 
 

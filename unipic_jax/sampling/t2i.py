@@ -317,11 +317,21 @@ def prepare_draws_from_fixture(recorded: Sequence[np.ndarray], *, batch: int, st
 def _pad_rows(x, real: int, slots: int, halves: int, axis: int):
     """Pad each of `halves` consecutive blocks of `real` rows (along `axis`) to `slots` rows."""
     if real == slots:
-        return jnp.asarray(x)
-    parts = jnp.split(jnp.asarray(x), halves, axis=axis)
+        return x
+    parts = jnp.split(x, halves, axis=axis)
     pad = [(0, 0)] * parts[0].ndim
     pad[axis] = (0, slots - real)
     return jnp.concatenate([jnp.pad(p, pad) for p in parts], axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "guided"))
+def _pad_noise(noise_init, step_noise, rows: tuple[tuple[int, int], ...], guided: bool):
+    """Every step's noise padded from its real rows to its slot rows, `rows[k]` = (real, slots)
+    per half: one program per call setting instead of a few eager ops per step."""
+    TRACES["pad_noise"] += 1
+    halves = 2 if guided else 1
+    return (tuple(_pad_rows(x, r, s, 1, 0) for x, (r, s) in zip(noise_init, rows)),
+            tuple(_pad_rows(x, r, s, halves, 1) for x, (r, s) in zip(step_noise, rows)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,18 +386,16 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
     orders = jnp.asarray(draws.orders, jnp.int32)
     temperature = np.float32(temperature)
     records = []
-    for step, scale, (visible_slots, predicted_slots) in zip(steps, scales, buckets.slots(steps)):
+    slots = buckets.slots(steps)
+    noise_init, step_noise = _pad_noise(tuple(draws.noise_init), tuple(draws.step_noise),
+                                        tuple((batch * s.predicted, batch * p) for s, (_, p) in zip(steps, slots)), guided)
+    for step, scale, (visible_slots, predicted_slots) in zip(steps, scales, slots):
         counts = np.array([step.masked, step.mask_len], np.int32)
         condition = _ConditionPlan(tuple(image_shape), visible_slots, buckets.pads_visible, guided, capture)
         z, seen = _condition(model, condition, params, tokens, orders, cache, x_con_bsd, counts)
-        halves = 2 if guided else 1
-        noise_init = _pad_rows(draws.noise_init[step.index], batch * step.predicted,
-                               batch * predicted_slots, 1, axis=0)
-        step_noise = _pad_rows(draws.step_noise[step.index], batch * step.predicted,
-                               batch * predicted_slots, halves, axis=1)
         new_tokens, sampled = _predict(model, _PredictPlan(predicted_slots, guided, capture), params, tables,
-                                       tokens, z, orders, counts, noise_init, step_noise, np.float32(scale),
-                                       temperature)
+                                       tokens, z, orders, counts, noise_init[step.index], step_noise[step.index],
+                                       np.float32(scale), temperature)
         if capture:
             records.append(_unpad_step(step, tokens, seen, sampled, batch, predicted_slots, guided,
                                        model.config.buffer_size, image_shape))

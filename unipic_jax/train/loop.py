@@ -5,9 +5,15 @@
 
 `make_train_step(...)` returns `train_step(state, batch, rng) -> (state, metrics)`, a pure function
 (no Python state, no host calls) that can be wrapped in `jax.jit` with in/out shardings and
-`donate_argnums=0`. One step: the weighted task losses (`losses.total_loss`) in the model's compute
-dtype over float32 params, gradients of the trainable params only (frozen params are
-`stop_gradient`-ed and never written), clip + AdamW, then the EMA.
+`donate_argnums=0`. One step: the weighted task losses (`losses.total_loss`, MAR dropout on) in the
+model's compute dtype over float32 params, gradients of the trainable params only (frozen params
+are `stop_gradient`-ed and never written), clip + AdamW, then the EMA.
+
+Gradient checkpointing (`config.remat`): "none"; "components" rematerialises the MAR encoder, the
+LLM, the MAR decoder and the diffusion head each as a whole (`losses`' `remat=True`: only their
+inputs are kept, but a component's whole forward is live again during its backward); "blocks"
+builds the model with `remat=True`, so every transformer block / ResBlock keeps only its input and
+is recomputed in the backward pass (the least activation memory: what full-size runs use).
 
 Checkpoints (`<workdir>/checkpoints/<step>/`, orbax `CheckpointManager`): item `state` (step,
 params, optimizer state, EMA) and item `data` (the grain iterator state, JSON per process).
@@ -20,7 +26,7 @@ step s is `fold_in(key(seed), s)`, so a resumed run draws what the uninterrupted
 on the CPU every later loss is bitwise the same.
 
 Metrics go to the console (a tqdm bar), to `<workdir>/metrics.jsonl` (one JSON object per logged
-step) and, when `tensorboardX` is installed, to TensorBoard event files in `<workdir>/tb/`.
+step) and to TensorBoard event files in `<workdir>/tb/` (tensorboardX).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ PyTree = Any
 
 # Times a train step was traced (tests prove one compile per batch shape with it).
 TRACES: collections.Counter = collections.Counter()
+
+REMAT_MODES = ("none", "components", "blocks")  # config.remat; see the module docstring
 
 # Dense bf16 peak FLOP/s per device by `device_kind` prefix (MFU denominators; config.peak_flops
 # overrides). Sources: vendor datasheets (H100/H200 SXM dense bf16 989 TFLOP/s).
@@ -105,13 +113,23 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, trainable: PyTr
                       ema=optim.ema_init(params, trainable) if ema_decay else None)
 
 
+def remat_mode(config) -> str:
+    """The stage's `remat` ("none" when absent), checked against REMAT_MODES."""
+    mode = config.get("remat", "none")
+    if mode not in REMAT_MODES:
+        raise ValueError(f"remat={mode!r}: choose one of {', '.join(REMAT_MODES)}")
+    return mode
+
+
 def make_train_step(model: UniPic, tx: optax.GradientTransformation, trainable: PyTree,
                     schedule: optax.Schedule, weights: Mapping[str, float], *,
                     ema_decay: Optional[float] = None, answer_slots: Optional[int] = None,
                     remat: bool = False) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)` for `batch = {task: task batch}`.
 
-    Metrics: loss, loss/<task>, accuracy/und, grad_norm (trainable, before clipping), lr.
+    `rng` is the step's key: every draw and dropout mask comes from it. `remat` rematerialises
+    whole components (per-block remat is `model.remat`). Metrics: loss, loss/<task>,
+    accuracy/und, grad_norm (trainable, before clipping), lr.
     """
     weights = {t: float(w) for t, w in weights.items()}
 
@@ -157,36 +175,32 @@ def peak_flops_per_device(override: float = 0.0) -> float:
 
 
 class MetricsWriter:
-    """JSONL metrics (always) and TensorBoard scalars (when tensorboardX is installed)."""
+    """Scalars to `<workdir>/metrics.jsonl` and to TensorBoard event files in `<workdir>/tb/`
+    (process 0 only)."""
 
     def __init__(self, workdir: Path, enabled: bool = True):
+        from tensorboardX import SummaryWriter
+
         self.enabled = enabled and jax.process_index() == 0
-        self.tb = None
         if not self.enabled:
             return
         workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(workdir / "metrics.jsonl", "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tb"))
-        except ImportError:
-            self.tb = None
+        self.tb = SummaryWriter(str(workdir / "tb"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.tb.close()
 
 
 @dataclasses.dataclass
@@ -216,7 +230,9 @@ class Trainer:
                  state_sharding: Optional[PyTree] = None):
         self.config = config
         self.model_config = UniPicConfig.from_config(config.model)
-        self.model = UniPic(self.model_config, jnp.dtype(config.model.get("dtype", "float32")))
+        remat = remat_mode(config)
+        self.model = UniPic(self.model_config, jnp.dtype(config.model.get("dtype", "float32")),
+                            remat=remat == "blocks")
         if params is None:
             params = self._initial_params()
         self.tx, self.trainable, self.schedule = optim.make_optimizer(config.optim, params, config.total_steps)
@@ -225,7 +241,7 @@ class Trainer:
         self.weights = {t: float(config.loss_weights[t]) for t in data_lib.active_tasks(config)}
         self.train_step = make_train_step(
             self.model, self.tx, self.trainable, self.schedule, self.weights, ema_decay=self.ema_decay,
-            answer_slots=config.data.answer_slots, remat=config.get("remat", "none") == "components")
+            answer_slots=config.data.answer_slots, remat=remat == "components")
         self.batch_sharding = batch_sharding or jax.device_put
         self.state_sharding = state_sharding
         # With a state sharding the step keeps the state where it is (inputs carry theirs).

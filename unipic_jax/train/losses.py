@@ -18,8 +18,14 @@ Static shapes: the number of masked tokens is random, so the MAR encoder always 
 allows); unused slots are hidden from the encoder's attention, sit after the buffer in the LLM
 (causality hides them) and are dropped by the decoder. One compilation serves every mask.
 
-Randomness comes from an explicit key; every draw (`GenDraws`: mask, diffusion timesteps and
-noise) can be given instead, e.g. replayed from the reference's recording.
+Randomness comes from explicit keys: `key` for the draws (`GenDraws`: mask, diffusion timesteps
+and noise, which can be given instead, e.g. replayed from the reference's recording) and
+`dropout_key` for the MAR blocks' dropout (reference-spec §3.2: the reference trains in train mode).
+Without a `dropout_key` the forward is the eval-mode one (parity). `total_loss`, what the train
+step runs, derives both from its key.
+
+Memory: `remat=True` rematerialises each component (MAR encoder, LLM, MAR decoder, diffusion head)
+as a whole; per-block remat is a property of the model instead (`UniPic(..., remat=True)`).
 
 Example (the parity row `unipic/t2i_train_forward`):
 
@@ -135,6 +141,15 @@ def _maybe_remat(fn: Callable, remat: bool) -> Callable:
     return jax.checkpoint(fn) if remat else fn
 
 
+def _rngs(dropout_key) -> dict:
+    return {} if dropout_key is None else {"dropout": dropout_key}
+
+
+def _split(dropout_key, num: int) -> list:
+    """`num` independent dropout keys (one per MAR application), or Nones without a key."""
+    return [None] * num if dropout_key is None else list(jax.random.split(dropout_key, num))
+
+
 # ----------------------------------------------------------------------------------------------
 # Model pieces (each a pure function of the params, so it can be rematerialised on its own)
 
@@ -171,12 +186,12 @@ def encode_images(model: UniPic, params, batch):
     return out
 
 
-def _mar_encoder(model: UniPic, grid, params, tokens_blc, visible_bv, num_visible):
+def _mar_encoder(model: UniPic, grid, params, tokens_blc, visible_bv, num_visible, dropout_key):
     def fn(m):
-        x_enc = m.mar.encode_at(tokens_blc, visible_bv, grid, padded=True)
+        x_enc = m.mar.encode_at(tokens_blc, visible_bv, grid, padded=True, deterministic=dropout_key is None)
         return x_enc, buffer_last(m.proj_in(x_enc), num_visible, m.config.buffer_size)
 
-    return model.apply({"params": params}, method=fn)
+    return model.apply({"params": params}, method=fn, rngs=_rngs(dropout_key))
 
 
 def _llm_hidden(model: UniPic, params, x_btd, mask_bt, positions_bt):
@@ -184,12 +199,12 @@ def _llm_hidden(model: UniPic, params, x_btd, mask_bt, positions_bt):
                        method=lambda m, *a: m.llm(*a).last_hidden_state)
 
 
-def _mar_decoder(model: UniPic, grid, params, x_enc, z_llm, visible_bv, num_visible, x_con):
+def _mar_decoder(model: UniPic, grid, params, x_enc, z_llm, visible_bv, num_visible, x_con, dropout_key):
     def fn(m):
         x_dec_in = m.bridge(x_enc, z_llm, num_visible)
-        return m.mar.decode_at(x_dec_in, visible_bv, grid, x_con), x_dec_in
+        return m.mar.decode_at(x_dec_in, visible_bv, grid, x_con, deterministic=dropout_key is None), x_dec_in
 
-    return model.apply({"params": params}, method=fn)
+    return model.apply({"params": params}, method=fn, rngs=_rngs(dropout_key))
 
 
 def _prompt_embeds(model: UniPic, params, ids_bl, image_features=None):
@@ -203,14 +218,16 @@ def _prompt_embeds(model: UniPic, params, ids_bl, image_features=None):
     return model.apply({"params": params}, method=fn)
 
 
-def _source_features(model: UniPic, params, tokens_bmnc):
+def _source_features(model: UniPic, params, tokens_bmnc, dropout_key=None):
     """Full (unmasked) MAR encoding of a source image: (x_enc MAR order, z_enc LLM order)."""
-    return model.apply({"params": params}, tokens_bmnc, method=UniPic.extract_visual_feature)
+    return model.apply({"params": params}, tokens_bmnc, deterministic=dropout_key is None,
+                       method=UniPic.extract_visual_feature, rngs=_rngs(dropout_key))
 
 
 def generation_forward(model: UniPic, params, tokens_bmnc, prompt_embeds_btd, prompt_mask_bt, draws: GenDraws,
-                       *, x_con=None, slots: Optional[int] = None, remat: bool = False):
-    """The cache-free `forward_mae_encoder` then the MAR decoder, on masked tokens.
+                       *, x_con=None, slots: Optional[int] = None, remat: bool = False, dropout_key=None):
+    """The cache-free `forward_mae_encoder` then the MAR decoder, on masked tokens (MAR dropout on
+    when a `dropout_key` is given).
 
     Returns (z (b, L, decoder_dim), x_dec_in (b, buffer + slots, mar_dim) = encoder output plus
     the LLM residual in MAR order: buffer, visible tokens, then padding slots).
@@ -220,15 +237,16 @@ def generation_forward(model: UniPic, params, tokens_bmnc, prompt_embeds_btd, pr
     slots = visible_slots(m * n, model.config.mar.mask_ratio_min) if slots is None else slots
     visible_bv, num_visible = visible_positions(draws.mask, slots)
     tokens_blc = tokens_bmnc.reshape(b, m * n, c)
+    key_enc, key_dec = _split(dropout_key, 2)
     x_enc, z_enc = _maybe_remat(functools.partial(_mar_encoder, model, grid), remat)(
-        params, tokens_blc, visible_bv, num_visible)
+        params, tokens_blc, visible_bv, num_visible, key_enc)
     length = z_enc.shape[1]
     x_btd = jnp.concatenate([prompt_embeds_btd.astype(z_enc.dtype), z_enc], axis=1)
     mask_bt = jnp.concatenate([jnp.asarray(prompt_mask_bt, bool), jnp.ones((b, length), bool)], axis=1)
     hidden = _maybe_remat(functools.partial(_llm_hidden, model), remat)(
         params, x_btd, mask_bt, positions_from_mask(mask_bt))
     return _maybe_remat(functools.partial(_mar_decoder, model, grid), remat)(
-        params, x_enc, hidden[:, -length:], visible_bv, num_visible, x_con)
+        params, x_enc, hidden[:, -length:], visible_bv, num_visible, x_con, key_dec)
 
 
 def diffusion_loss(model: UniPic, params, z_bld, target_blc, draws: GenDraws, *, remat: bool = False):
@@ -258,11 +276,13 @@ def _draws_for(model: UniPic, key, draws, batch: int, seq_len: int) -> GenDraws:
 
 
 def text2image_loss(model: UniPic, params, batch: Mapping[str, jax.Array], key: Optional[jax.Array] = None,
-                    draws: Optional[GenDraws] = None, *, slots: Optional[int] = None, remat: bool = False):
+                    draws: Optional[GenDraws] = None, *, slots: Optional[int] = None, remat: bool = False,
+                    dropout_key: Optional[jax.Array] = None):
     """`SkyworkUnipicDev.text2image_loss`.
 
     batch: image (b, H, W, 3) in [-1, 1] (or image_tokens (b, m, n, C), see `encode_images`),
-    input_ids (b, T), attention_mask (b, T) (1 = valid). `draws` replaces the draws from `key`.
+    input_ids (b, T), attention_mask (b, T) (1 = valid). `draws` replaces the draws from `key`;
+    `dropout_key` turns the MAR dropout on.
     Returns (loss, aux) with aux = {gt_latents (b, L, C),
     z (b, L, decoder_dim), x_enc (b, buffer + slots, mar_dim), mask}.
     """
@@ -271,45 +291,50 @@ def text2image_loss(model: UniPic, params, batch: Mapping[str, jax.Array], key: 
     draws = _draws_for(model, key, draws, b, m * n)
     prompt = _prompt_embeds(model, params, batch["input_ids"])
     z, x_enc = generation_forward(model, params, tokens, prompt, batch["attention_mask"], draws,
-                                  slots=slots, remat=remat)
+                                  slots=slots, remat=remat, dropout_key=dropout_key)
     target = tokens.reshape(b, m * n, c)
     loss = diffusion_loss(model, params, z, target, draws, remat=remat)
     return loss, {"gt_latents": target, "z": z, "x_enc": x_enc, "mask": draws.mask}
 
 
 def image_edit_loss(model: UniPic, params, batch: Mapping[str, jax.Array], key: Optional[jax.Array] = None,
-                    draws: Optional[GenDraws] = None, *, slots: Optional[int] = None, remat: bool = False):
+                    draws: Optional[GenDraws] = None, *, slots: Optional[int] = None, remat: bool = False,
+                    dropout_key: Optional[jax.Array] = None):
     """`SkyworkUnipicDev.image_edit_loss`.
 
     batch: source, target (b, H, W, 3) in [-1, 1]; input_ids (b, T) holding exactly
-    buffer + m*n `<image>` ids per row; attention_mask (b, T). Returns (loss, aux).
+    buffer + m*n `<image>` ids per row; attention_mask (b, T). `dropout_key` turns the MAR
+    dropout on. Returns (loss, aux).
     """
     source = _tokens(model, params, batch, "source")
     target_tokens = _tokens(model, params, batch, "target")
     b, m, n, c = target_tokens.shape
     draws = _draws_for(model, key, draws, b, m * n)
-    x_con, z_src = _source_features(model, params, source)
+    key_source, key_target = _split(dropout_key, 2)
+    x_con, z_src = _source_features(model, params, source, key_source)
     x_con, z_src = scale_grad(x_con, GRAD_SCALE), scale_grad(z_src, GRAD_SCALE)
     prompt = _prompt_embeds(model, params, batch["input_ids"], z_src)
     z, x_enc = generation_forward(model, params, target_tokens, prompt, batch["attention_mask"], draws,
-                                  x_con=x_con, slots=slots, remat=remat)
+                                  x_con=x_con, slots=slots, remat=remat, dropout_key=key_target)
     target = target_tokens.reshape(b, m * n, c)
     loss = diffusion_loss(model, params, z, target, draws, remat=remat)
     return loss, {"gt_latents": target, "z": z, "x_enc": x_enc, "mask": draws.mask}
 
 
 def image2text_loss(model: UniPic, params, batch: Mapping[str, jax.Array], key: Optional[jax.Array] = None,
-                    *, answer_slots: Optional[int] = None, remat: bool = False):
+                    *, answer_slots: Optional[int] = None, remat: bool = False,
+                    dropout_key: Optional[jax.Array] = None):
     """`SkyworkUnipicDev.image2text_loss`: next-token cross-entropy on the answer tokens.
 
     batch: image (b, H, W, 3); input_ids (b, T) with buffer + m*n `<image>` ids per row;
     attention_mask (b, T); labels (b, T), -100 where not supervised. Only the positions whose
     next label is >= 0 go through the LM head: at most `answer_slots` per row (default T - 1).
-    Returns (loss, aux) with aux = {tokens: supervised token count, accuracy}.
+    `dropout_key` turns the MAR encoder's dropout on. Returns (loss, aux) with
+    aux = {tokens: supervised token count, accuracy}.
     """
-    del key  # deterministic
+    del key  # no draws
     tokens = _tokens(model, params, batch, "image")
-    _, z_img = _source_features(model, params, tokens)
+    _, z_img = _source_features(model, params, tokens, dropout_key)
     prompt = _prompt_embeds(model, params, batch["input_ids"], scale_grad(z_img, GRAD_SCALE))
     b, length = batch["input_ids"].shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
@@ -336,19 +361,22 @@ LOSSES = {"t2i": text2image_loss, "edit": image_edit_loss, "und": image2text_los
 
 def total_loss(model: UniPic, params, batch: Mapping[str, Mapping[str, jax.Array]], key: jax.Array,
                weights: Mapping[str, float], *, answer_slots: Optional[int] = None, remat: bool = False):
-    """Σ_task weight · loss over the tasks present in `batch` ({task: task batch}).
+    """Σ_task weight · loss over the tasks present in `batch` ({task: task batch}), in training
+    mode (MAR dropout on).
 
-    Each task draws from `fold_in(key, task index)`. Returns (loss, {"loss/<task>": ...}).
+    Each task's draw and dropout keys are `split(fold_in(key, task index))`.
+    Returns (loss, {"loss/<task>": ...}).
     """
     total = jnp.zeros((), jnp.float32)
     metrics = {}
     for task, task_batch in encode_images(model, params, batch).items():
-        task_key = jax.random.fold_in(key, TASKS.index(task))
+        draw_key, dropout_key = jax.random.split(jax.random.fold_in(key, TASKS.index(task)))
+        kwargs = dict(remat=remat, dropout_key=dropout_key)
         if task == "und":
-            loss, aux = image2text_loss(model, params, task_batch, task_key, answer_slots=answer_slots, remat=remat)
+            loss, aux = image2text_loss(model, params, task_batch, draw_key, answer_slots=answer_slots, **kwargs)
             metrics["accuracy/und"] = aux["accuracy"]
         else:
-            loss, _ = LOSSES[task](model, params, task_batch, task_key, remat=remat)
+            loss, _ = LOSSES[task](model, params, task_batch, draw_key, **kwargs)
         total = total + weights[task] * loss
         metrics[f"loss/{task}"] = loss
     metrics["loss"] = total
