@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from convert.io import CheckpointFileError, load_state_dict, save_state_dict
+from convert.io import CheckpointFileError, load_state_dict, replaced_directory, save_state_dict
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -113,12 +111,7 @@ def save_hf_folder(path: str | os.PathLike, config: Mapping, state_dict: Mapping
     is written under a temporary name and renamed into place; an existing folder at `path` is
     replaced only once the new one is complete.
     """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is an ordinary folder
+    with replaced_directory(path) as tmp:
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         total = sum(np.asarray(v).nbytes for v in state_dict.values())
         if max_shard_bytes is None or total <= max_shard_bytes:
@@ -132,17 +125,3 @@ def save_hf_folder(path: str | os.PathLike, config: Mapping, state_dict: Mapping
                 weight_map.update({k: name for k in keys})
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if old is not None and old.exists():
-            if dest.exists():
-                shutil.rmtree(old)
-            else:
-                os.replace(old, dest)  # the rename failed: put the previous folder back

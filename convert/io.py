@@ -9,9 +9,12 @@ half-finished file behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -146,3 +149,31 @@ def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) 
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def replaced_directory(path: str | os.PathLike):
+    """Yields an empty temporary folder beside `path`; when the block ends without an error, it
+    takes the place of `path` (an existing folder there is replaced only then, and put back if
+    the final rename fails). On an error nothing at `path` changes and the temporary is removed."""
+    dest = Path(path).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None and old.exists():
+            if dest.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, dest)  # the rename failed: put the previous folder back

@@ -28,3 +28,18 @@ def fixture(name: str):
     from unipic_jax.parity import Fixture
 
     return Fixture(FIXTURE_ROOT / name)
+
+
+def synthetic_batch(cfg, root):
+    """One batch of the data pipeline for stage config `cfg`, from a synthetic dataset written under
+    `root` (the skip counters dropped, so the batch holds arrays only)."""
+    from unipic_jax.train import data, loop
+
+    tokenizer = loop.load_tokenizer(cfg, root)
+    sources = data.parse_data_spec(str(data.write_synthetic(root / "data", size=cfg.data.gen_resolution)))
+    iterator = iter(data.make_dataset(cfg, tokenizer, sources))
+    batch = next(iterator)
+    iterator.close()
+    for task_batch in batch.values():
+        task_batch.pop("num_skipped")
+    return batch

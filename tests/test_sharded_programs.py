@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from conftest import FIXTURE_ROOT, fixture
+from conftest import FIXTURE_ROOT, fixture, synthetic_batch
 
 from configs.stages import smoke
 from unipic_jax import distributed, sharding
@@ -29,7 +29,7 @@ from unipic_jax.models.unipic import UniPic
 from unipic_jax.parity import unipic as unipic_parity
 from unipic_jax.sampling import t2i
 from unipic_jax.sampling.schedule import mask_schedule
-from unipic_jax.train import data, loop
+from unipic_jax.train import loop
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
 REL = 1e-5
@@ -153,13 +153,7 @@ def train_case(loaded, tmp_path_factory):
     cfg.optim.eps = 1e-4
     trainer = loop.Trainer(cfg, params=params)
     root = tmp_path_factory.mktemp("sharded_train")
-    tokenizer = loop.load_tokenizer(cfg, root)
-    sources = data.parse_data_spec(str(data.write_synthetic(root / "data", size=cfg.data.gen_resolution)))
-    iterator = iter(data.make_dataset(cfg, tokenizer, sources))
-    batch = next(iterator)
-    iterator.close()
-    for task_batch in batch.values():
-        task_batch.pop("num_skipped")
+    batch = synthetic_batch(cfg, root)
     assert list(batch) == ["t2i"] and batch["t2i"]["image"].shape[0] == jax.device_count()
     key = jax.random.key(5)
     state, metrics = jax.jit(trainer.train_step, donate_argnums=0)(trainer.init_state(), batch, key)

@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import synthetic_batch
 
 from configs import unipic_1p5b
 from configs.stages import smoke
 from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
-from unipic_jax.train import data, losses, loop
+from unipic_jax.train import losses, loop
 
 # Remat changes only how XLA fuses and orders the same float32 operations (measured: at most
 # 1.1e-6 of the largest gradient per module). A block recomputed with other dropout masks, or a missing
@@ -44,13 +45,7 @@ def case(tmp_path_factory):
     cfg_blocks.remat = "blocks"
     blocks = loop.Trainer(cfg_blocks, params=plain.initial_params)
     root = tmp_path_factory.mktemp("remat")
-    tokenizer = loop.load_tokenizer(cfg, root)
-    sources = data.parse_data_spec(str(data.write_synthetic(root / "data", size=cfg.data.gen_resolution)))
-    iterator = iter(data.make_dataset(cfg, tokenizer, sources))
-    batch = next(iterator)
-    iterator.close()
-    for task_batch in batch.values():
-        task_batch.pop("num_skipped")
+    batch = synthetic_batch(cfg, root)
     del batch["edit"]  # t2i and und run every kind of block; edit only adds compile time
     return dict(plain=plain, blocks=blocks, batch=batch, key=jax.random.key(7))
 

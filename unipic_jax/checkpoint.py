@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 import numpy as np
+
+from convert.io import replaced_directory
 
 FORMAT = "unipic-jax"
 VERSION = 1
@@ -98,11 +99,7 @@ def save(path: str | os.PathLike, params: PyTree, config: ml_collections.ConfigD
         tokenizer_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]
         if not tokenizer_files:
             raise CheckpointError(f"{tokenizer_dir}: no tokenizer files to copy")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    with replaced_directory(dest) as tmp:
         (tmp / CONFIG_FILE).write_text(config_to_json(config))
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, args=ocp.args.StandardSave(params))
@@ -110,20 +107,6 @@ def save(path: str | os.PathLike, params: PyTree, config: ml_collections.ConfigD
             (tmp / TOKENIZER_DIR).mkdir()
             for f in tokenizer_files:
                 shutil.copy2(f, tmp / TOKENIZER_DIR / f.name)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        if old is not None and old.exists():
-            if dest.exists():
-                shutil.rmtree(old)
-            else:
-                os.replace(old, dest)  # the rename failed: put the previous checkpoint back
     return dest
 
 
