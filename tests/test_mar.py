@@ -173,6 +173,28 @@ def test_decoder(grid):
     assert any(r.output.endswith("/out_xcon") for r in rows)
 
 
+def test_decoder_query_rows_equal_full_decode():
+    """`decode_at(query_bq=...)` (the last block for the predicted rows only) against the full
+    decode's rows at those positions; a padding entry (>= h*w) gives the last token's row."""
+    # Bound FORWARD (1e-4 x max|ref|): the same float32 forward with a different product shape.
+    model, params = mar_encdec.model_and_params(FX)
+    c = model.config
+    n, buffer, batch, visible, queries = c.seq_len, c.buffer_size, 2, c.seq_len // 2, 5
+    rng = np.random.default_rng(4)
+    orders = np.stack([rng.permutation(n) for _ in range(batch)])
+    visible_bv = np.sort(orders[:, :visible], axis=1).astype(np.int32)
+    query_bq = np.sort(orders[:, visible:visible + queries], axis=1).astype(np.int32)
+    query_bq[1, -1] = n  # a padding slot
+    x_enc = rng.standard_normal((batch, buffer + visible, c.encoder_dim)).astype(np.float32)
+    decode = jax.jit(lambda p, q: model.apply({"params": p}, x_enc, visible_bv, c.grid, query_bq=q,
+                                             method=model.decode_at))
+    full = np.asarray(decode(params, None))
+    got = np.asarray(decode(params, query_bq))
+    want = np.take_along_axis(full, np.minimum(query_bq, n - 1)[:, :, None], axis=1)
+    assert got.shape == (batch, queries, c.decoder_dim)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
+
+
 def test_encode_compiles_once_per_count_and_grid():
     model, params = mar_encdec.model_and_params(FX)
     config = model.config

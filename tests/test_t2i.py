@@ -64,7 +64,7 @@ def test_one_step_against_recorded_step(loaded):
     _, cache = t2i._prefill(model, params, t2i._embed(model, params, ids), mask)
     tokens = tensors[f"step{s}/tokens_in"].reshape(rows, -1, model.config.mar.token_dim)
     counts = np.array([step.masked, step.mask_len], np.int32)
-    plan = t2i._ConditionPlan(image_shape, step.visible, False, True, True)
+    plan = t2i._ConditionPlan(image_shape, step.visible, step.predicted, False, True, True)
     z, seen = t2i._condition(model, plan, params, tokens, recorded.orders, cache, None, counts)
     np.testing.assert_array_equal(np.asarray(seen["mask_in"]), tensors[f"step{s}/mask_in"])
     for name in ("llm_last_hidden_state", "x_enc", "z_dec"):

@@ -100,12 +100,17 @@ class Attention(nn.Module):
     proj_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True):
-        """`key_mask_bl` (b, l) bool, False for padding slots no token may attend to (None: all)."""
+    def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True, query_bq=None):
+        """`key_mask_bl` (b, l) bool, False for padding slots no token may attend to (None: all).
+        `query_bq` (b, q): the positions whose outputs are wanted (None: all l); every position
+        is still a key."""
         b, l, d = x_bld.shape
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, "qkv")(x_bld).reshape(b, l, 3, self.num_heads, head_dim)
         q_blnh, k_blnh, v_blnh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if query_bq is not None:
+            q_blnh = jnp.take_along_axis(q_blnh, query_bq[:, :, None, None], axis=1)
+            l = query_bq.shape[1]
         logits_bnqk = einsum("bqnh,bknh->bnqk", q_blnh * head_dim ** -0.5, k_blnh).astype(jnp.float32)
         if key_mask_bl is not None:
             logits_bnqk = jnp.where(key_mask_bl[:, None, None, :], logits_bnqk, jnp.finfo(jnp.float32).min)
@@ -142,10 +147,15 @@ class Block(nn.Module):
     proj_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True):
+    def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True, query_bq=None):
+        """`query_bq` (b, q): return only these positions' outputs (b, q, d), every position
+        still attended to (None: all of them)."""
         d = x_bld.shape[-1]
+        h_bld = _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld)
+        if query_bq is not None:
+            x_bld = jnp.take_along_axis(x_bld, query_bq[:, :, None], axis=1)
         x_bld = x_bld + Attention(self.num_heads, self.dtype, self.attn_dropout, self.proj_dropout, name="attn")(
-            _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld), key_mask_bl, deterministic)
+            h_bld, key_mask_bl, deterministic, query_bq)
         x_bld = x_bld + Mlp(self.mlp_ratio * d, self.dtype, self.proj_dropout, name="mlp")(
             _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld), deterministic)
         return x_bld
@@ -304,9 +314,15 @@ class MAR(nn.Module):
         return self.decode_at(x_enc_bkd, visible_bv, image_shape, x_con_bsd, deterministic=deterministic)
 
     def decode_at(self, x_enc_bkd, visible_bv, image_shape: Optional[Grid] = None, x_con_bsd=None, *,
-                  deterministic: bool = True):
+                  deterministic: bool = True, query_bq=None):
         """`decode` given the encoder's kept positions `visible_bv` (b, V) instead of a mask;
-        rows at entries >= h*w (padding slots of `encode_at`) are dropped."""
+        rows at entries >= h*w (padding slots of `encode_at`) are dropped.
+
+        `query_bq` (b, q) raster positions: return only their outputs (b, q, decoder_dim), the
+        rows a sampling step predicts (entries >= h*w give a copy of the last token, to be
+        discarded). The last block then computes its attention output and MLP for those rows
+        only; every token still enters as a key, so they equal the full decode's rows.
+        """
         c = self.config
         b = x_enc_bkd.shape[0]
         grid = c.grid if image_shape is None else tuple(image_shape)
@@ -320,10 +336,15 @@ class MAR(nn.Module):
         kept_bk = self._kept_positions(visible_bv)
         x_bsd = canvas_bsd.at[jnp.arange(b)[:, None], kept_bk].set(x_bkd, mode="drop")
         x_bsd = x_bsd + self._pos_embed(self.decoder_pos_embed_learned, grid)
-        for blk in self.decoder_blocks:
+        blocks = self.decoder_blocks if query_bq is None else self.decoder_blocks[:-1]
+        for blk in blocks:
             x_bsd = constrain(blk(x_bsd, None, deterministic), ("batch", "length", "act_embed"))
-        x_bld = self.decoder_norm(x_bsd)[:, c.buffer_size:]
-        return x_bld + self._pos_embed(self.diffusion_pos_embed_learned, grid)
+        pos_1ld = self._pos_embed(self.diffusion_pos_embed_learned, grid)
+        if query_bq is None:
+            return self.decoder_norm(x_bsd)[:, c.buffer_size:] + pos_1ld
+        query_bq = jnp.minimum(query_bq, image_len - 1).astype(jnp.int32)
+        x_bqd = self.decoder_blocks[-1](x_bsd, None, deterministic, c.buffer_size + query_bq)
+        return self.decoder_norm(x_bqd) + jnp.take(pos_1ld[0], query_bq, axis=0)
 
     def __call__(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None):
         """encode then decode (what `init` runs)."""

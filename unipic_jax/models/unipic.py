@@ -213,23 +213,29 @@ class UniPic(nn.Module):
         return self.bridge(x_enc, hidden[:, -length:], num_visible)
 
     def mae_encoder_cached(self, cache: KVCache, tokens_blc, visible_bv, num_visible, image_shape: Grid,
-                           *, padded: bool = False):
+                           *, padded: bool = False, halves: int = 1):
         """One sampling step's encoder side: MAR encoder on the kept positions `visible_bv`
         (`MAR.encode_at`), proj_in, the LLM after the prompt cache (`Qwen2.peek`, positions after
         each row's valid prompt tokens), then `bridge`.
 
         With `padded`, `visible_bv` has padding slots (entries >= m*n) after its `num_visible`
         real ones (a traced count); the LLM sequence is then `[visible ; buffer ; padding]`, so
-        causality hides the padding. Returns (MAR decoder input, LLM last hidden state in LLM order).
+        causality hides the padding. `halves` = 2 says the rows are two identical halves in
+        tokens and positions (the CFG batch): the MAR encoder and proj_in, which see nothing
+        else, run on the first half only and are repeated (the reference runs them on both).
+        Returns (MAR decoder input, LLM last hidden state in LLM order).
         """
-        x_enc = self.mar.encode_at(tokens_blc, visible_bv, image_shape, padded=padded)
+        rows = tokens_blc.shape[0] // halves
+        x_enc = self.mar.encode_at(tokens_blc[:rows], visible_bv[:rows], image_shape, padded=padded)
         z_enc = buffer_last(self.proj_in(x_enc), num_visible, self.config.buffer_size)
+        x_enc, z_enc = (jnp.concatenate([a] * halves) for a in (x_enc, z_enc))
         hidden = self.llm.peek(cache, z_enc, cache.next_positions(z_enc.shape[1])).last_hidden_state
         return self.bridge(x_enc, hidden, num_visible), hidden
 
-    def mae_decoder(self, x_enc_bkd, visible_bv, image_shape: Grid, x_con_bsd=None):
-        """MAR decoder given the encoder's kept positions (`MAR.decode_at`) -> (b, m*n, decoder_dim)."""
-        return self.mar.decode_at(x_enc_bkd, visible_bv, image_shape, x_con_bsd)
+    def mae_decoder(self, x_enc_bkd, visible_bv, image_shape: Grid, x_con_bsd=None, query_bq=None):
+        """MAR decoder given the encoder's kept positions (`MAR.decode_at`) -> (b, m*n, decoder_dim),
+        or (b, q, decoder_dim) for the raster positions `query_bq` only."""
+        return self.mar.decode_at(x_enc_bkd, visible_bv, image_shape, x_con_bsd, query_bq=query_bq)
 
     # --- the prompt
 

@@ -137,6 +137,7 @@ class Sample:
 class _ConditionPlan:
     image_shape: Grid
     visible_slots: int
+    predicted_slots: int
     padded: bool
     guided: bool
     capture: bool
@@ -170,17 +171,17 @@ def _row_index(batch: int, slots: int, count):
     return jnp.where(j < batch * count, image, batch), slot
 
 
-def _gather_rows(z_bld, predicted_bp, count):
-    """Rows (B*slots, D): image b's predicted tokens (ascending), image after image; padding rows
-    after the B*count real ones hold copies of real rows."""
-    b, slots = predicted_bp.shape
+def _diffusion_rows(z_bpd, count):
+    """Rows (B*slots, D) from each image's predicted-token conditions z_bpd (B, slots, D): image
+    b's first `count` slots, image after image; padding rows after the B*count real ones hold
+    copies of real rows."""
+    b, slots = z_bpd.shape[:2]
     image, slot = _row_index(b, slots, count)
-    image = jnp.minimum(image, b - 1)
-    return z_bld[image, jnp.minimum(predicted_bp[image, slot], z_bld.shape[1] - 1)]
+    return z_bpd[jnp.minimum(image, b - 1), slot]
 
 
 def _scatter_rows(tokens_blc, predicted_bp, count, rows_nc):
-    """Inverse of `_gather_rows`: write the real rows back at their tokens, drop the padding rows."""
+    """Inverse of `_diffusion_rows` at the predicted tokens: write the real rows back at their tokens, drop the padding rows."""
     b, slots = predicted_bp.shape
     image, slot = _row_index(b, slots, count)
     position = predicted_bp[jnp.minimum(image, b - 1), slot]
@@ -205,37 +206,41 @@ def _prefill(model: UniPic, params, embeds_bld, mask_bl):
 
 @functools.partial(jax.jit, static_argnames=("model", "plan"))
 def _condition(model: UniPic, plan: _ConditionPlan, params, tokens_blc, orders_bl, cache, x_con_bsd, counts):
-    """MAR encoder + LLM + residual + MAR decoder for one step -> z (rows, m*n, decoder_dim)."""
+    """MAR encoder + LLM + residual + MAR decoder for one step -> the diffusion head's conditions
+    (rows * predicted_slots, decoder_dim): the predicted tokens' rows in the reference order, cond
+    rows then uncond rows (`_diffusion_rows` per half). The decoder's last block runs for the
+    predicted tokens only."""
     TRACES["condition"] += 1
     variables = {"params": params}
-    num_tokens = orders_bl.shape[1]
-    masked = counts[0]
+    batch, num_tokens = orders_bl.shape
+    masked, mask_len = counts[0], counts[1]
     visible_bv = _both_halves(_select(orders_bl, masked, num_tokens, plan.visible_slots), plan.guided)
+    predicted_bp = _both_halves(_select(orders_bl, mask_len, masked, plan.predicted_slots), plan.guided)
     x_enc, hidden = model.apply(variables, cache, tokens_blc, visible_bv, num_tokens - masked, plan.image_shape,
-                                padded=plan.padded, method=UniPic.mae_encoder_cached)
-    z_bld = model.apply(variables, x_enc, visible_bv, plan.image_shape, x_con_bsd, method=UniPic.mae_decoder)
+                                padded=plan.padded, halves=2 if plan.guided else 1, method=UniPic.mae_encoder_cached)
+    z_bpd = model.apply(variables, x_enc, visible_bv, plan.image_shape, x_con_bsd, predicted_bp,
+                        method=UniPic.mae_decoder)
+    z_sel = jnp.concatenate([_diffusion_rows(z, masked - mask_len) for z in jnp.split(z_bpd, 2 if plan.guided else 1)])
     if not plan.capture:
-        return z_bld, None
+        return z_sel, None
+    z_bld = model.apply(variables, x_enc, visible_bv, plan.image_shape, x_con_bsd, method=UniPic.mae_decoder)
     mask_in = jnp.ones(visible_bv.shape[:1] + (num_tokens,), jnp.float32)
     mask_in = mask_in.at[jnp.arange(visible_bv.shape[0])[:, None], visible_bv].set(0.0, mode="drop")
-    return z_bld, dict(x_enc=x_enc, llm_last_hidden_state=hidden, z_dec=z_bld, mask_in=mask_in)
+    return z_sel, dict(x_enc=x_enc, llm_last_hidden_state=hidden, z_dec=z_bld, mask_in=mask_in)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "plan"))
-def _predict(model: UniPic, plan: _PredictPlan, params, tables, tokens_blc, z_bld, orders_bl, counts,
+def _predict(model: UniPic, plan: _PredictPlan, params, tables, tokens_blc, z_sel, orders_bl, counts,
              noise_init, step_noise, cfg, temperature):
-    """Diffusion sampling of one step's predicted tokens -> the new tokens of every row."""
+    """Diffusion sampling of one step's predicted tokens (conditions `z_sel` from `_condition`)
+    -> the new tokens of every row."""
     TRACES["predict"] += 1
     batch = orders_bl.shape[0]
     masked, mask_len = counts[0], counts[1]
-    count = masked - mask_len
     predicted_bp = _select(orders_bl, mask_len, masked, plan.predicted_slots)
-    z_sel = _gather_rows(z_bld[:batch], predicted_bp, count)
-    if plan.guided:
-        z_sel = jnp.concatenate([z_sel, _gather_rows(z_bld[batch:], predicted_bp, count)])
     sampled = diffusion.sample(head_module(model), params["diffusion_head"], tables, z_sel, noise_init,
                                step_noise, temperature=temperature, cfg=cfg, guided=plan.guided)
-    cond_blc = _scatter_rows(tokens_blc[:batch], predicted_bp, count, sampled[: batch * plan.predicted_slots])
+    cond_blc = _scatter_rows(tokens_blc[:batch], predicted_bp, masked - mask_len, sampled[: batch * plan.predicted_slots])
     tokens_blc = _both_halves(cond_blc, plan.guided)
     return tokens_blc, (dict(z_sel=z_sel, sampled=sampled) if plan.capture else None)
 
@@ -391,7 +396,8 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
                                         tuple((batch * s.predicted, batch * p) for s, (_, p) in zip(steps, slots)), guided)
     for step, scale, (visible_slots, predicted_slots) in zip(steps, scales, slots):
         counts = np.array([step.masked, step.mask_len], np.int32)
-        condition = _ConditionPlan(tuple(image_shape), visible_slots, buckets.pads_visible, guided, capture)
+        condition = _ConditionPlan(tuple(image_shape), visible_slots, predicted_slots, buckets.pads_visible, guided,
+                                   capture)
         z, seen = _condition(model, condition, params, tokens, orders, cache, x_con_bsd, counts)
         new_tokens, sampled = _predict(model, _PredictPlan(predicted_slots, guided, capture), params, tables,
                                        tokens, z, orders, counts, noise_init[step.index], step_noise[step.index],
