@@ -289,11 +289,11 @@ def sampler_programs(model_config, mesh: Mesh, *, batch: int, resolution: int, n
     tokens = rowwise((rows, num_tokens, token_dim), np.float32)
     orders = rowwise((batch, num_tokens), np.int32)
     counts = whole((2,), np.int32)
-    condition = t2i._ConditionPlan(grid, visible, t2i.DEFAULT_BUCKETS.pads_visible, guided, False)
+    condition = t2i._ConditionPlan(grid, visible, predicted, t2i.DEFAULT_BUCKETS.pads_visible, guided, False)
     tables = jax.tree.map(lambda x: whole(np.shape(x), np.asarray(x).dtype), t2i._tables(config.diffusion))
     halves = 2 if guided else 1
     chain = rowwise((tables.num_steps, halves * batch * predicted, token_dim), np.float32)
-    z = rowwise((rows, num_tokens, config.mar.decoder_dim), model.dtype)
+    z_sel = rowwise((rows * predicted, config.mar.decoder_dim), model.dtype)  # `_condition`'s output
     name = f"{batch} image(s) at {resolution} px, cfg {cfg:g}, {num_iter} steps"
     return [
         Program(f"sampler condition ({name}; {visible} visible slots)",
@@ -301,7 +301,7 @@ def sampler_programs(model_config, mesh: Mesh, *, batch: int, resolution: int, n
                 {"params": _shard_bytes(params), "kv cache": _shard_bytes(cache)}),
         Program(f"sampler diffusion chain ({name}; {predicted} predicted slots)",
                 t2i._predict,
-                (params, tables, tokens, z, orders, counts, rowwise((batch * predicted, token_dim), np.float32),
+                (params, tables, tokens, z_sel, orders, counts, rowwise((batch * predicted, token_dim), np.float32),
                  chain, whole((), np.float32), whole((), np.float32)),
                 (model, t2i._PredictPlan(predicted, guided, False)), mesh, {"params": _shard_bytes(params)}),
     ]

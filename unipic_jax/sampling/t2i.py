@@ -9,6 +9,13 @@ One call:
     num_iter). Uncond rows reuse the cond rows' orders and, after each step, their tokens;
   * VAE-decode the cond rows only (the reference also decodes the uncond rows and drops them).
 
+Work the reference does and this sampler skips, each giving the same numbers: the MAR encoder runs
+on the cond rows only (the uncond rows have the same tokens and positions); the MAR decoder's last
+block computes outputs for the predicted tokens only (every token is still a key); the diffusion
+head embeds the condition once per MAR step and the timestep once per diffusion step instead of per
+row and step, and computes the adaLN modulations of up to 512 rows x steps in one product
+(`diffusion.sample`); the uncond VAE decode is dropped.
+
 Each step runs two jitted programs: `_condition` (MAR encoder -> LLM on the prompt cache ->
 proj_out residual -> MAR decoder; keyed by the visible-slot count) and `_predict` (gather the
 predicted rows in the reference order -- cond rows then uncond rows, each image's tokens
