@@ -180,7 +180,9 @@ class SimpleMLPAdaLN(nn.Module):
         return tuple(block.modulation(y_nd) for block in self.res_blocks) + (self.final_layer.modulation(y_nd),)
 
     def denoise_modulated(self, x_nc, mods):
-        """`denoise` given `modulations(y)` instead of y: the same numbers."""
+        """`denoise` given `modulations(y)` instead of y: the same numbers. `denoise` stays the
+        path of training: `nn.remat` wraps a ResBlock's `__call__`, which recomputes its
+        modulation in the backward pass instead of keeping it."""
         h = self.input_proj(x_nc.astype(self.dtype))
         for block, mod in zip(self.res_blocks, mods):
             h = block.modulated(h, mod)

@@ -103,7 +103,7 @@ class Attention(nn.Module):
     def __call__(self, x_bld, key_mask_bl=None, deterministic: bool = True, query_bq=None):
         """`key_mask_bl` (b, l) bool, False for padding slots no token may attend to (None: all).
         `query_bq` (b, q): the positions whose outputs are wanted (None: all l); every position
-        is still a key."""
+        is still a key (the fused qkv product still runs on all l rows)."""
         b, l, d = x_bld.shape
         head_dim = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, "qkv")(x_bld).reshape(b, l, 3, self.num_heads, head_dim)

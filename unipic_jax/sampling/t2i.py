@@ -188,7 +188,8 @@ def _diffusion_rows(z_bpd, count):
 
 
 def _scatter_rows(tokens_blc, predicted_bp, count, rows_nc):
-    """Inverse of `_diffusion_rows` at the predicted tokens: write the real rows back at their tokens, drop the padding rows."""
+    """Inverse of `_diffusion_rows`: write the real rows back at their predicted tokens, drop the
+    padding rows."""
     b, slots = predicted_bp.shape
     image, slot = _row_index(b, slots, count)
     position = predicted_bp[jnp.minimum(image, b - 1), slot]
@@ -216,7 +217,8 @@ def _condition(model: UniPic, plan: _ConditionPlan, params, tokens_blc, orders_b
     """MAR encoder + LLM + residual + MAR decoder for one step -> the diffusion head's conditions
     (rows * predicted_slots, decoder_dim): the predicted tokens' rows in the reference order, cond
     rows then uncond rows (`_diffusion_rows` per half). The decoder's last block runs for the
-    predicted tokens only."""
+    predicted tokens only; with `plan.capture` the whole decoder runs a second time for `z_dec`, so
+    the parity checks of `z_sel` still go through the fast path."""
     TRACES["condition"] += 1
     variables = {"params": params}
     batch, num_tokens = orders_bl.shape
