@@ -30,6 +30,37 @@ def fixture(name: str):
     return Fixture(FIXTURE_ROOT / name)
 
 
+def fixture_tokenizer(folder: Path) -> Path:
+    """A byte-level tokenizer of the fixture UniPic's vocabulary and special ids, written to `folder`."""
+    from configs.fixture import get_config, read_meta
+    from unipic_jax import prompts
+
+    unipic = FIXTURE_ROOT / "unipic"
+    ids = read_meta(unipic)["config"]["special_ids"]
+    return prompts.write_byte_tokenizer(folder, vocab_size=get_config(unipic).qwen2.vocab_size, eos_id=ids["eos"],
+                                        pad_id=ids["pad"])
+
+
+def fixture_checkpoint(root: Path, generation_config: str | None = None) -> Path:
+    """A converted checkpoint of the fixture UniPic (random weights) under `root`, with
+    `fixture_tokenizer` and `generation_config` (JSON text) in its tokenizer folder when given.
+    Returns the checkpoint folder."""
+    from safetensors.numpy import load_file
+
+    from configs.fixture import get_config
+    from convert.unipic import unipic_params_from_torch
+    from unipic_jax import checkpoint
+    from unipic_jax.models.unipic import UniPicConfig
+
+    folder = FIXTURE_ROOT / "unipic"
+    config = get_config(folder)
+    tok = fixture_tokenizer(root / "tokenizer")
+    if generation_config is not None:
+        (tok / "generation_config.json").write_text(generation_config)
+    params = unipic_params_from_torch(load_file(folder / "weights.safetensors"), UniPicConfig.from_config(config))
+    return checkpoint.save(root / "ckpt", params, config, tokenizer_dir=tok)
+
+
 def synthetic_batch(cfg, root):
     """One batch of the data pipeline for stage config `cfg`, from a synthetic dataset written under
     `root` (the skip counters dropped, so the batch holds arrays only)."""

@@ -13,14 +13,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_ROOT
+from conftest import FIXTURE_ROOT, fixture_checkpoint, fixture_tokenizer
 from PIL import Image
 from safetensors.numpy import load_file
 
 from configs.fixture import get_config, read_meta
 from convert.hf import save_hf_folder
 from convert.io import save_state_dict
-from convert.unipic import unipic_params_from_torch
 from unipic_jax import api, checkpoint, prompts
 from unipic_jax.api import UniPicPipeline
 from unipic_jax.models.unipic import UniPicConfig
@@ -32,19 +31,9 @@ SIZE = CONFIG.mar.img_size  # the fixture MAR's native size: the smallest grid t
 STEPS = 2
 
 
-def _tokenizer(folder):
-    ids = read_meta(UNIPIC)["config"]["special_ids"]
-    return prompts.write_byte_tokenizer(folder, vocab_size=CONFIG.qwen2.vocab_size, eos_id=ids["eos"],
-                                        pad_id=ids["pad"])
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    tok = _tokenizer(root / "tokenizer")
-    (tok / "generation_config.json").write_text('{"repetition_penalty": 1.1}')
-    params = unipic_params_from_torch(load_file(UNIPIC / "weights.safetensors"), UniPicConfig.from_config(CONFIG))
-    return checkpoint.save(root / "ckpt", params, CONFIG, tokenizer_dir=tok)
+    return fixture_checkpoint(tmp_path_factory.mktemp("api"), generation_config='{"repetition_penalty": 1.1}')
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +152,7 @@ def test_release_folder_is_converted_on_the_fly(pipe, tmp_path):
     llm = tmp_path / "Qwen2.5-1.5B-Instruct"
     save_hf_folder(llm, read_meta(UNIPIC)["config"]["llm"],
                    {k[4:]: v for k, v in weights.items() if k.startswith("llm.") and "lm_head" not in k})
-    _tokenizer(llm)
+    fixture_tokenizer(llm)
     with pytest.warns(UserWarning, match="unipic-jax convert"):
         loaded = UniPicPipeline.from_pretrained(tmp_path, config=CONFIG)
     assert loaded.repetition_penalty == 1.0  # this folder has no generation_config.json

@@ -10,14 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_ROOT
+from conftest import FIXTURE_ROOT, fixture_checkpoint
 from PIL import Image
-from safetensors.numpy import load_file
 
-from configs.fixture import get_config, read_meta
-from convert.unipic import unipic_params_from_torch
-from unipic_jax import checkpoint, cli, prompts
-from unipic_jax.models.unipic import UniPicConfig
+from configs.fixture import get_config
+from unipic_jax import cli
 
 UNIPIC = FIXTURE_ROOT / "unipic"
 CONFIG = get_config(UNIPIC)
@@ -27,12 +24,7 @@ FAST = ["--size", SIZE, "--steps", "2", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    ids = read_meta(UNIPIC)["config"]["special_ids"]
-    tok = prompts.write_byte_tokenizer(root / "tokenizer", vocab_size=CONFIG.qwen2.vocab_size, eos_id=ids["eos"],
-                                       pad_id=ids["pad"])
-    params = unipic_params_from_torch(load_file(UNIPIC / "weights.safetensors"), UniPicConfig.from_config(CONFIG))
-    return checkpoint.save(root / "ckpt", params, CONFIG, tokenizer_dir=tok)
+    return fixture_checkpoint(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")
