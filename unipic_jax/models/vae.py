@@ -2,8 +2,9 @@
 
 NHWC inside, images in [-1, 1]. Submodule names follow the PyTorch state dict
 (`encoder.down.0.block.1.conv1` is `encoder/down_0/block_1/conv1` here), so the key table in
-`convert/vae.py` is a rename. GroupNorm statistics and the attention softmax run in float32
-whatever the compute `dtype`; params are float32.
+`convert/vae.py` is a rename. GroupNorm statistics, the attention softmax and the decoder's
+upsampling convolutions (`UpsampleConv`) run in float32 whatever the compute `dtype`; params are
+float32.
 
 UniPic never samples the posterior: `encode_tokens` uses its mode (the mean) times the latent
 scale and puts channels last, `decode_tokens` divides by the scale and decodes.
