@@ -10,13 +10,15 @@ half-finished file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -74,7 +76,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise CheckpointFileError(f"{path}: reading torch checkpoints needs PyTorch (pip install torch)") from None
+        raise CheckpointFileError(f"{path}: reading torch checkpoints needs PyTorch: pip install "
+                                  f"'unipic-jax[convert]' (the CPU build, torch==2.13.0)") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated or foreign files
@@ -132,7 +135,7 @@ def _write_torch(tensors: Mapping[str, np.ndarray], f) -> None:
     torch.save({k: to_torch(v) for k, v in tensors.items()}, f)
 
 
-def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *, overwrite: bool = True) -> None:
     """Write a state dict atomically; the suffix picks safetensors or a torch pickle."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -141,33 +144,100 @@ def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) 
         writer = _write_torch
     else:
         raise ValueError(f"{path}: unknown checkpoint suffix")
-    tmp = path.with_name(f".{path.name}.partial")
+    write_file(path, lambda f: writer(tensors, f), overwrite=overwrite)
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        with open(tmp, "wb") as f:
-            writer(tensors, f)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _temp_prefix(dest: Path) -> str:
+    """Temporary names carry the writer's pid, so leftovers of a killed writer can be told from
+    the work of a live one: `.NAME.PID.XXXX.partial`."""
+    return f".{dest.name}.{os.getpid()}."
+
+
+def clean_leftovers(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries a killed writer of `dest` left beside it (`.NAME.PID.*.partial` of a
+    process that no longer runs) and return what was removed. Only names this module makes are
+    touched, and never those of a live process."""
+    dest = Path(dest).absolute()
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)\.[^/]*\.partial$")
+    if not dest.parent.is_dir():
+        return removed
+    for entry in dest.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished file `tmp` to `path`: replace what is there when `overwrite`, else only
+    if nothing is there (FileExistsError otherwise, atomically: two writers never both win)."""
+    if overwrite:
         os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if `path` exists, whoever made it in the meantime
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: reserve the name, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+
+
+def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
+    """Write a file through `write(f)` under a unique temporary name beside `path`, then move it
+    into place: a failure or a kill never leaves a half-written `path`, and concurrent writers
+    never share a temporary. Without `overwrite` an existing `path` is a `FileExistsError` (also
+    when another process creates it while this one writes)."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(errno.EEXIST, "already exists", os.fspath(path))
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".partial", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
+        _publish(tmp, path, overwrite)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 @contextlib.contextmanager
 def replaced_directory(path: str | os.PathLike):
     """Yields an empty temporary folder beside `path`; when the block ends without an error, it
     takes the place of `path` (an existing folder there is replaced only then, and put back if
-    the final rename fails). On an error nothing at `path` changes and the temporary is removed."""
+    the final rename fails). On an error nothing at `path` changes and the temporary is removed;
+    temporaries left by a killed earlier writer are removed first (`clean_leftovers`)."""
     dest = Path(path).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    clean_leftovers(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".partial", dir=dest.parent))
     old = None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         yield tmp
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".old.partial", dir=dest.parent))
+            os.replace(dest, old)  # renaming a folder onto an empty one replaces it
         os.replace(tmp, dest)
     finally:
         if tmp.exists():

@@ -134,29 +134,67 @@ def test_tile_grid_is_row_major():
         images.tile_grid(imgs, 2, 2)
 
 
-def test_save_png_metadata_round_trip(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg", ".webp", ".PNG"])
+def test_save_image_metadata_round_trip(tmp_path, suffix):
     pixels = np.asarray(_pattern(8, 5))
     meta = {"prompt": "a cat ü", "seed": 7, "settings": {"cfg": 3.0, "num_iter": 32}}
-    path = images.save_png(pixels, tmp_path / "out.png", meta)
+    path = images.save_image(pixels, tmp_path / f"out{suffix}", meta)
     with Image.open(path) as img:
-        np.testing.assert_array_equal(np.asarray(img), pixels)
-        assert img.text["prompt"] == "a cat ü"
-        assert img.text["seed"] == "7"
-        assert img.text["settings"] == '{"cfg": 3.0, "num_iter": 32}'
+        assert img.format == images.OUTPUT_FORMATS[suffix.lower()]  # the bytes follow the suffix
+        if img.format == "PNG":  # lossless: the pixels come back exactly
+            np.testing.assert_array_equal(np.asarray(img), pixels)
+    assert images.read_metadata(path) == {"prompt": "a cat ü", "seed": "7",
+                                          "settings": '{"cfg": 3.0, "num_iter": 32}'}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{suffix}"]
+
+
+@pytest.mark.parametrize("name", ["out.gif", "out", "out.png.txt"])
+def test_save_image_refuses_unknown_types(tmp_path, name):
+    with pytest.raises(images.ImageError, match=r"\.png, \.jpg"):
+        images.save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_image_never_replaces_a_file_unless_asked(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"the user's file")
+    with pytest.raises(FileExistsError):
+        images.save_image(np.zeros((4, 4, 3), np.uint8), target)
+    assert target.read_bytes() == b"the user's file"
+    images.save_image(np.zeros((4, 4, 3), np.uint8), target, overwrite=True)
+    with Image.open(target) as img:
+        assert img.size == (4, 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
-def test_save_png_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_concurrent_saves_share_no_temporary(tmp_path):
+    """Many threads saving different images to one folder, and several racing for one name:
+    every distinct name is written, exactly one racer wins each contested name, nothing is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def save(i):
+        try:
+            images.save_image(np.full((4, 4, 3), i % 256, np.uint8), tmp_path / f"img{i % 40}.png")
+            return True
+        except FileExistsError:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(save, range(200)))
+    assert sum(won) == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"img{i}.png" for i in range(40))
+
+
+def test_save_image_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "out.png"
     target.write_bytes(b"previous")
 
     def failing_save(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"\x89PNG half")
+        fp.write(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        images.save_png(np.zeros((4, 4, 3), np.uint8), target, {"prompt": "x"})
+        images.save_image(np.zeros((4, 4, 3), np.uint8), target, {"prompt": "x"}, overwrite=True)
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]

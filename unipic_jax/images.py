@@ -5,7 +5,8 @@ square (`center_crop_square`), image-to-text pads to a square with grey 127 (`ex
 both resize with Pillow's bicubic filter and map 0..255 to [-1, 1]. Model inputs are NHWC.
 
 Output conversion (§8.4) happens in bfloat16 in the reference: `to_uint8` repeats its rounding
-exactly. `save_png` writes the prompt and settings as PNG text chunks, atomically.
+exactly. `save_image` writes PNG, JPEG or WebP with the prompt and settings as metadata, atomically
+and never over an existing file unless asked.
 """
 
 from __future__ import annotations
@@ -115,22 +116,62 @@ def tile_grid(images_bhwc, rows: int, cols: int):
     return grid.reshape(rows * h, cols * w, c)
 
 
-def save_png(image, path: str | os.PathLike, metadata: Mapping[str, object] | None = None) -> Path:
-    """Write a uint8 (H, W, 3) image (or a PIL image) as PNG, `metadata` as text chunks.
+# Output formats by file suffix. JPEG and WebP carry the settings as EXIF ImageDescription (a
+# JSON object of the same strings a PNG holds as text chunks).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
+_EXIF_DESCRIPTION = 0x010E
 
-    String values are stored as they are, anything else as JSON. The file is written under a
-    temporary name in the same folder and renamed into place, so an error leaves no partial file.
+
+def output_format(path: str | os.PathLike) -> str:
+    """The Pillow format for an output file name (by suffix), or ImageError for any other."""
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{path}: unknown image type; name the file .png, .jpg, .jpeg or .webp")
+    return fmt
+
+
+def _text(metadata: Mapping[str, object] | None) -> dict[str, str]:
+    return {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
+
+
+def save_image(image, path: str | os.PathLike, metadata: Mapping[str, object] | None = None, *,
+               overwrite: bool = False) -> Path:
+    """Write a uint8 (H, W, 3) image (or a PIL image) with `metadata`, in the format of the suffix.
+
+    PNG keeps `metadata` as text chunks, JPEG (quality 95) and WebP (quality 95) as a JSON object in
+    EXIF ImageDescription; `read_metadata` reads either back. String values are stored as they are,
+    anything else as JSON. The file is written under a unique temporary name in the same folder and
+    moved into place, so an error or a kill leaves no partial file. An existing file is an error
+    (`FileExistsError`) unless `overwrite`.
     """
+    from convert.io import write_file
+
     path = Path(path)
+    fmt = output_format(path)
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-    info = PngImagePlugin.PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value, sort_keys=True))
-    tmp = path.with_name(f".{path.name}.partial")
+    text = _text(metadata)
+    options = dict(_SAVE_OPTIONS[fmt])
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
+    elif text:
+        exif = Image.Exif()
+        exif[_EXIF_DESCRIPTION] = json.dumps(text, sort_keys=True)  # ASCII: json escapes the rest
+        options["exif"] = exif
+    return write_file(path, lambda f: img.save(f, format=fmt, **options), overwrite=overwrite)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The settings `save_image` stored in `path` (PNG text chunks or the JPEG/WebP EXIF JSON)."""
+    with Image.open(path) as img:
+        if img.format == "PNG":
+            return dict(img.text)
+        description = img.getexif().get(_EXIF_DESCRIPTION)
     try:
-        img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        value = json.loads(description) if description else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
