@@ -47,25 +47,46 @@ def diffusion_section(ref: dict) -> dict:
     )
 
 
+# transformers' `Qwen2Config` defaults (the same in 4.x and 5.x) for the fields a config.json may
+# leave out. The sizes (vocab, widths, layer and head counts) are not here: transformers' values for
+# them are those of a 7B model, so an omitted size is reported (convert/qwen2.py) rather than guessed.
+QWEN2_HF_DEFAULTS = dict(num_key_value_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=False)
+
+# transformers' `SiglipVisionConfig` defaults: transformers 4.x leaves every field equal to these out
+# of a `SiglipModel`'s nested `vision_config` (a patch-16 tower's config holds no patch_size).
+SIGLIP_HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                          layer_norm_eps=1e-6)
+
+
 def qwen2_section(hf: dict) -> dict:
+    """The `qwen2` section from a Hugging Face Qwen2 config.json dict, read as transformers reads it:
+    omitted fields take `QWEN2_HF_DEFAULTS`, `num_key_value_heads: null` means one KV head per
+    attention head, `rope_theta` may sit in 5.x's `rope_parameters`."""
+    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    hf = {**QWEN2_HF_DEFAULTS, **hf}
+    heads = hf["num_attention_heads"]
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        rope_theta=float(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
-        rms_eps=hf["rms_norm_eps"],
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        num_heads=heads, num_kv_heads=hf["num_key_value_heads"] or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(rope_theta or QWEN2_HF_DEFAULTS["rope_theta"]),
+        rms_eps=float(hf["rms_norm_eps"]), tie_embeddings=bool(hf["tie_word_embeddings"]),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
     )
 
 
 def siglip_section(hf: dict, use_head: bool = True) -> dict:
+    """The `siglip` section from a `SiglipVisionConfig` dict; omitted fields take
+    `SIGLIP_HF_DEFAULTS`, as in transformers."""
+    hf = {**SIGLIP_HF_DEFAULTS, **hf}
     return dict(
         hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_channels=hf.get("num_channels", 3), image_size=hf["image_size"],
-        patch_size=hf["patch_size"], ln_eps=hf.get("layer_norm_eps", 1e-6), use_head=use_head,
+        num_channels=hf["num_channels"], image_size=hf["image_size"],
+        patch_size=hf["patch_size"], ln_eps=float(hf["layer_norm_eps"]), use_head=use_head,
     )
 
 

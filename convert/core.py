@@ -9,8 +9,9 @@ pattern with a Flax path pattern and naming the transform between the two layout
 `torch_to_flax` walks a state dict through the table and checks the result against the target
 param shapes (from `jax.eval_shape` of the model's init, so nothing is allocated); every problem
 (a key no rule maps, a param nothing fills, a shape that disagrees) is collected and raised once,
-in a `ConversionError` that lists them all. `flax_to_torch` is the exact inverse: each transform is
-a pure transpose, so a round trip reproduces the state dict bit for bit.
+in a `ConversionError` that keeps them all (`.problems`) and shows the first few in one line.
+`flax_to_torch` is the exact inverse: each transform is a pure transpose, so a round trip
+reproduces the state dict bit for bit.
 """
 
 from __future__ import annotations
@@ -25,12 +26,40 @@ Array = Any  # numpy array (or anything np.asarray accepts)
 
 
 class ConversionError(ValueError):
-    """Every problem found while mapping a checkpoint, reported at once."""
+    """Every problem found while mapping a checkpoint, kept in `.problems`.
+
+    The message is one line: the count, the likely cause when the problems point one way (a
+    checkpoint of other sizes, or of another model/layout: `likely_cause`), the first `SHOWN`
+    problems.
+    """
+
+    SHOWN = 5
 
     def __init__(self, problems: list[str], what: str = "checkpoint"):
         self.problems = list(problems)
-        lines = "\n  ".join(self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) converting the {what}:\n  {lines}")
+        shown = self.problems[:self.SHOWN]
+        if len(self.problems) > len(shown):
+            shown.append(f"... and {len(self.problems) - len(shown)} more")
+        cause = likely_cause(self.problems)
+        cause = f" [{cause}]" if cause else ""
+        super().__init__(f"{len(self.problems)} problem(s) converting the {what}{cause}: " + "; ".join(shown))
+
+
+def likely_cause(problems: list[str]) -> str | None:
+    """What a `ConversionError`'s problems point to, when they point one way: of at least 3, most
+    are shape mismatches, missing params or unmapped keys, and the shape mismatches (with keys
+    beyond the model's layers) outnumber the keys no rule maps, or the other way round."""
+    if len(problems) < 3:
+        return None
+    sizes = sum(p.startswith("shape mismatch") or "which the model does not have" in p for p in problems)
+    layout = sum(p.startswith("unmapped source key") for p in problems)
+    missing = sum(p.startswith("missing param") for p in problems)
+    if 2 * (sizes + layout + missing) <= len(problems) or sizes == layout:
+        return None
+    if sizes > layout:
+        return ("shapes differ: the checkpoint was made for other model sizes; use the config that "
+                "matches it, e.g. --config unipic_1p5b or a fixture folder")
+    return "keys no rule maps: the checkpoint is of another model, or its keys carry another prefix"
 
 
 @dataclasses.dataclass(frozen=True)

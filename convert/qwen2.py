@@ -72,16 +72,19 @@ def qwen2_params_to_torch(params: Mapping, config=None) -> dict[str, np.ndarray]
     return flax_to_torch(params, keymap)
 
 
-def qwen2_config_from_hf(hf: Mapping):
-    """A Hugging Face Qwen2 `config.json` dict -> `Qwen2Config` (transformers 4.x `rope_theta` or
-    5.x `rope_parameters`). Rejects settings the port does not implement."""
-    from configs.fixture import qwen2_section
-    from unipic_jax.models.qwen2 import Qwen2Config
+# config.json fields with no usable default (transformers' are a 7B model's sizes).
+QWEN2_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def qwen2_section_from_hf(hf: Mapping) -> dict:
+    """A Hugging Face Qwen2 `config.json` dict -> the `qwen2` config section (configs/unipic_1p5b.py
+    schema), read as transformers reads it (transformers 4.x `rope_theta` or 5.x `rope_parameters`;
+    omitted fields take transformers' defaults, `configs.fixture.QWEN2_HF_DEFAULTS`). Raises
+    `ConversionError` for a missing size or a setting the port does not implement."""
+    from configs.fixture import QWEN2_HF_DEFAULTS, qwen2_section
 
     hf = dict(hf)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if "rope_theta" not in hf and "rope_theta" in rope:
-        hf["rope_theta"] = rope["rope_theta"]
     problems = []
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"config.json: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
@@ -89,13 +92,21 @@ def qwen2_config_from_hf(hf: Mapping):
         problems.append("config.json: use_sliding_window=true is not supported")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps")
-               if k not in hf]
-    problems += [f"config.json: missing {k!r}" for k in missing]
+    problems += [f"config.json: missing {k!r}" for k in QWEN2_REQUIRED if hf.get(k) is None]
+    kv_default = QWEN2_HF_DEFAULTS["num_key_value_heads"]
+    if "num_key_value_heads" not in hf and (hf.get("num_attention_heads") or kv_default) % kv_default:
+        problems.append(f"config.json: no 'num_key_value_heads', so {kv_default} (transformers' default), "
+                        f"which does not divide num_attention_heads={hf['num_attention_heads']}")
     if problems:
         raise ConversionError(problems, "Qwen2 config")
-    return Qwen2Config(**qwen2_section(hf))
+    return qwen2_section(hf)
+
+
+def qwen2_config_from_hf(hf: Mapping):
+    """A Hugging Face Qwen2 `config.json` dict -> `Qwen2Config` (see `qwen2_section_from_hf`)."""
+    from unipic_jax.models.qwen2 import Qwen2Config
+
+    return Qwen2Config(**qwen2_section_from_hf(hf))
 
 
 # config.json field -> (state-dict key, axis) giving the same size in the weights.

@@ -101,16 +101,26 @@ def _square(value, name: str) -> int:
     return int(value)
 
 
-def siglip_config_from_hf(hf: Mapping) -> SiglipConfig:
-    """`SiglipConfig` from an HF config.json dict (a `SiglipVisionConfig`, or a `SiglipModel`
-    config whose `vision_config` is used)."""
-    hf = dict(hf.get("vision_config", hf))
+def siglip_section_from_hf(hf: Mapping) -> dict:
+    """The `siglip` config section (configs/unipic_1p5b.py schema) from an HF config.json dict: a
+    `SiglipVisionConfig`, or a `SiglipModel` config whose `vision_config` is used. Fields left out
+    take transformers' defaults (`configs.fixture.SIGLIP_HF_DEFAULTS`), as transformers 4.x writes
+    a nested `vision_config` without them."""
+    if "vision_config" in hf or hf.get("model_type") == "siglip":
+        hf = hf.get("vision_config") or {}
+    hf = dict(hf)
     act = hf.get("hidden_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise ValueError(f"SigLIP config: hidden_act {act!r}; the port implements 'gelu_pytorch_tanh'")
-    hf["image_size"] = _square(hf["image_size"], "image_size")
-    hf["patch_size"] = _square(hf["patch_size"], "patch_size")
-    return SiglipConfig(**siglip_section(hf, use_head=hf.get("vision_use_head", True)))
+    for name in ("image_size", "patch_size"):
+        if name in hf:
+            hf[name] = _square(hf[name], name)
+    return siglip_section(hf, use_head=hf.get("vision_use_head", True))
+
+
+def siglip_config_from_hf(hf: Mapping) -> SiglipConfig:
+    """`SiglipConfig` from an HF config.json dict (see `siglip_section_from_hf`)."""
+    return SiglipConfig(**siglip_section_from_hf(hf))
 
 
 def siglip_from_hf_folder(path: str | os.PathLike) -> tuple[SiglipConfig, dict]:

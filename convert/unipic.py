@@ -24,14 +24,20 @@ The `.bin` is UniPic's fine-tuned checkpoint, so it wins: where it and a subfold
 weight, the `.bin`'s is used; a subfolder only supplies keys the `.bin` lacks. This is what the
 reference does: it builds the LLM and SigLIP2 from the subfolders, then loads the `.bin` over them
 (`strict=False`).
+
+The LLM and SigLIP2 sizes come from the subfolders' config.json files when the release has them
+(`release_config`); the MAR, VAE and diffusion-head sizes have no config file in the release and
+come from the given config (configs/unipic_1p5b.py by default).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Mapping
 
+import ml_collections
 import ml_dtypes
 import numpy as np
 
@@ -41,8 +47,8 @@ from convert.hf import load_hf_folder
 from convert.io import CheckpointFileError, load_state_dict
 from convert.mar import MAR_KEYMAP
 from convert.projectors import PROJECTOR_KEYMAP
-from convert.qwen2 import qwen2_keymap
-from convert.siglip import SIGLIP_KEYMAP, hf_vision_state_dict
+from convert.qwen2 import qwen2_keymap, qwen2_section_from_hf
+from convert.siglip import SIGLIP_KEYMAP, hf_vision_state_dict, siglip_section_from_hf
 from convert.vae import VAE_KEYMAP
 from unipic_jax.models.unipic import UniPicConfig, param_shapes
 
@@ -112,13 +118,51 @@ def _is_float(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
 
 
+def _read_config(path: Path) -> dict | None:
+    """A subfolder's config.json as a dict, or None when the release has no such file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointFileError(f"{path}: not valid JSON ({e})") from None
+
+
+def release_config(folder: str | os.PathLike, base_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`base_config` (configs/unipic_1p5b.py schema) with the `qwen2` and `siglip` sections replaced by
+    what the release's own `Qwen2.5-1.5B-Instruct/config.json` and
+    `siglip2-so400m-patch16-512/config.json` say, where the release holds them (`projectors.llm_dim`
+    follows the LLM width). Every other section is kept: the release has no file for it. The
+    base config is not modified."""
+    folder = Path(folder)
+    config = base_config.copy_and_resolve_references()
+    llm = _read_config(folder / RELEASE_LLM_FOLDER / "config.json")
+    if llm is not None:
+        config.qwen2.update(qwen2_section_from_hf(llm))
+        config.projectors.llm_dim = config.qwen2.hidden_size
+    siglip = _read_config(folder / RELEASE_SIGLIP_FOLDER / "config.json")
+    if siglip is not None:
+        config.siglip.update(siglip_section_from_hf(siglip))
+    return config
+
+
 def load_release(folder: str | os.PathLike, config: UniPicConfig | None = None) -> dict:
-    """UniPic params (float32) from an official release folder; `config` defaults to the released
-    sizes (configs/unipic_1p5b.py). Raises `ConversionError` naming every problem at once."""
+    """UniPic params (float32) from an official release folder, converted for `config`; without
+    one, for `release_config(folder, configs/unipic_1p5b.py)` (the released sizes, LLM and SigLIP2
+    ones read from the release's files). Raises `ConversionError` on any problem."""
     if config is None:
         from configs import unipic_1p5b
 
-        config = UniPicConfig.from_config(unipic_1p5b.get_config())
+        config = UniPicConfig.from_config(release_config(folder, unipic_1p5b.get_config()))
     state_dict = {k: v.astype(np.float32) if _is_float(v) else v
                   for k, v in release_state_dict(folder, unipic_keymap(config).tied).items()}
     return unipic_params_from_torch(state_dict, config, what=f"UniPic release {os.fspath(folder)}")
+
+
+def load_release_with_config(folder: str | os.PathLike, config: ml_collections.ConfigDict
+                             ) -> tuple[ml_collections.ConfigDict, dict]:
+    """(the config the release was converted for, float32 params): `release_config(folder, config)`
+    and the params `load_release` gives for it. Save the returned config beside the params: its
+    LLM and SigLIP2 sizes are the release's, whatever `config` said."""
+    config = release_config(folder, config)
+    return config, load_release(folder, UniPicConfig.from_config(config))

@@ -59,6 +59,38 @@ def test_all_problems_reported_at_once():
     assert len(e.value.problems) == 4  # + the renamed key's now-missing target blocks_1/fc/bias
 
 
+def _blocks(n, width, prefix="blocks"):
+    return {f"{prefix}.{i}.fc.{name}": np.zeros(shape, np.float32)
+            for i in range(n) for name, shape in (("weight", (width, 2)), ("bias", (width,)))}
+
+
+def test_many_problems_make_one_line_with_their_likely_cause():
+    target = torch_to_flax(_blocks(20, 3), KEYMAP)
+    with pytest.raises(ConversionError) as e:
+        torch_to_flax(_blocks(30, 4), KEYMAP, target)  # wider and deeper: sizes of another model
+    msg = str(e.value)
+    assert len(e.value.problems) == 60 and "\n" not in msg
+    assert msg.startswith("60 problem(s) converting the checkpoint [shapes differ: the checkpoint was made for "
+                          "other model sizes")
+    assert msg.count("shape mismatch") == 5 and msg.endswith("; ... and 55 more")
+    assert "blocks_29/fc/kernel" in "".join(e.value.problems)  # the full list is kept
+
+    with pytest.raises(ConversionError) as e:
+        torch_to_flax(_blocks(20, 3, prefix="model.blocks"), KEYMAP, target)  # another prefix
+    assert "[keys no rule maps: the checkpoint is of another model, or its keys carry another prefix]" in str(e.value)
+    assert "\n" not in str(e.value) and len(e.value.problems) == 80
+
+
+def test_few_problems_are_all_shown_without_a_guess():
+    target = torch_to_flax(_blocks(2, 3), KEYMAP)
+    bad = _blocks(2, 3)
+    bad["blocks.0.fc.bias"] = np.zeros(4, np.float32)
+    with pytest.raises(ConversionError) as e:
+        torch_to_flax(bad, KEYMAP, target)
+    assert str(e.value) == ("1 problem(s) converting the checkpoint: shape mismatch for 'blocks.0.fc.bias' -> "
+                            "'blocks_0/fc/bias': checkpoint gives (4,), model wants (3,)")
+
+
 def test_tied_key_must_match():
     sd = _state_dict(np.random.default_rng(0))
     sd["head.weight"] = sd["emb.weight"] + 1

@@ -1,19 +1,25 @@
 """Hugging Face folders: a tiny SigLIP written by transformers' `save_pretrained` loads and runs as
 the PyTorch model does; sharded, torch-pickle and broken folders; `save_hf_folder` round trips and
-never leaves a half-written folder behind.
+never leaves a half-written folder behind. Config files that leave fields to transformers' defaults
+(as transformers itself writes them, or with `null`s) read as transformers reads them.
 
-Bound: the forward check is one float32 pass, 1e-4 x max|ref| (as every SigLIP comparison).
+Bound: the forward checks are one float32 pass, 1e-4 x max|ref| (as every SigLIP and Qwen2
+comparison).
 """
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from convert import CheckpointFileError, ConversionError
 from convert.hf import load_hf_folder, save_hf_folder
-from convert.siglip import siglip_from_hf_folder, siglip_params_to_torch
+from convert.qwen2 import qwen2_config_from_hf, qwen2_from_hf_folder, qwen2_params_to_torch
+from convert.siglip import siglip_config_from_hf, siglip_from_hf_folder, siglip_params_to_torch
+from unipic_jax.models.qwen2 import Qwen2
 from unipic_jax.models.siglip import SiglipVisionModel
 from unipic_jax.parity import FORWARD, compare
 
@@ -135,3 +141,131 @@ def test_failed_save_leaves_previous_folder_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left over
     config, state_dict = load_hf_folder(dest)
     assert config == {"version": 1} and list(state_dict) == ["w"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields left to transformers' defaults.
+
+def _randomise(model, seed):
+    """Every parameter non-trivial: norms near 1, matrices scaled by fan-in, vectors small."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.copy_(1 + 0.2 * noise)
+            elif p.ndim >= 2:
+                p.copy_(noise / np.prod(p.shape[1:]) ** 0.5)
+            else:
+                p.copy_(0.1 * noise)
+    return model
+
+
+def _rewrite_config(folder, edit):
+    """Apply `edit(config_dict) -> config_dict` to folder/config.json."""
+    path = folder / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_channels", "image_size", "patch_size", "layer_norm_eps")
+
+
+@pytest.mark.parametrize("hf", [{}, {"hidden_size": 32, "num_attention_heads": 4}, {"image_size": 64}])
+def test_siglip_config_defaults_are_transformers(hf):
+    ours = siglip_config_from_hf(hf)
+    theirs = transformers.SiglipVisionConfig(**hf)
+    assert dataclasses.astuple(ours)[:8] == tuple(getattr(theirs, f) for f in SIGLIP_FIELDS)
+    nested = siglip_config_from_hf({"model_type": "siglip", "vision_config": hf, "text_config": {}})
+    assert nested == ours
+
+
+def test_siglip_vision_config_without_default_fields(tmp_path):
+    """A `SiglipModel` config.json whose `vision_config` holds only the non-default fields (as
+    transformers 4.x writes it) loads, with the weights unchanged."""
+    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                                             num_attention_heads=4)  # 224 px, patch 16: the defaults
+    tower = _randomise(transformers.SiglipVisionModel(config).eval(), 3)
+    tower.save_pretrained(tmp_path / "siglip")
+    vision = {k: getattr(config, k) for k in SIGLIP_FIELDS[:4]}
+    _rewrite_config(tmp_path / "siglip", lambda hf: {"model_type": "siglip", "text_config": {},
+                                                     "vision_config": {**vision, "model_type": "siglip_vision_model"}})
+    loaded, params = siglip_from_hf_folder(tmp_path / "siglip")
+    assert (loaded.image_size, loaded.patch_size, loaded.num_channels, loaded.ln_eps) == (224, 16, 3, 1e-6)
+    back = siglip_params_to_torch(params)
+    state_dict = tower.state_dict()
+    assert len(back) == len(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(back["vision_model." + key.removeprefix("vision_model.")], value.numpy(),
+                                      err_msg=key)
+
+
+# 64 heads: an omitted num_key_value_heads (transformers' 32) and a null one (= heads) differ.
+QWEN2_SIZES = dict(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=64)
+
+
+@pytest.mark.parametrize("hf", [
+    {},
+    {"num_key_value_heads": None},
+    {"num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "max_position_embeddings": 4096},
+])
+def test_qwen2_config_defaults_are_transformers(hf):
+    ours = qwen2_config_from_hf({**QWEN2_SIZES, **hf})
+    theirs = transformers.Qwen2Config(**QWEN2_SIZES, **hf)
+    rope = getattr(theirs, "rope_parameters", None) or {"rope_theta": theirs.rope_theta}
+    assert (ours.num_kv_heads, ours.rms_eps, ours.rope_theta, ours.tie_embeddings, ours.max_position_embeddings) == (
+        theirs.num_key_value_heads, theirs.rms_norm_eps, rope["rope_theta"], theirs.tie_word_embeddings,
+        theirs.max_position_embeddings)
+
+
+def test_qwen2_config_missing_size_or_unusable_default_is_named():
+    with pytest.raises(ConversionError, match="missing 'hidden_size'"):
+        qwen2_config_from_hf({k: v for k, v in QWEN2_SIZES.items() if k != "hidden_size"})
+    with pytest.raises(ConversionError, match="no 'num_key_value_heads', so 32 .* num_attention_heads=12"):
+        qwen2_config_from_hf({**QWEN2_SIZES, "num_attention_heads": 12})
+
+
+def _logits(config, params, ids):
+    model = Qwen2(config)
+    x = model.apply({"params": params}, ids, method=Qwen2.embed)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return model.apply({"params": params}, x, positions, np.ones(ids.shape, bool), return_logits=True).logits
+
+
+@pytest.mark.parametrize("case", ["null_kv_heads", "defaults_left_out"])
+def test_qwen2_folder_with_transformers_defaults(tmp_path, case):
+    """config.json with `num_key_value_heads: null`, or without any field that has a default (an
+    untied head, rope_theta 1e4, rms eps 1e-6, 32 KV heads): the same config, weights and logits as
+    transformers' own model loaded from the folder."""
+    if case == "null_kv_heads":
+        sizes = dict(QWEN2_SIZES, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, rope_theta=1e6,
+                     tie_word_embeddings=True)
+        edit = lambda hf: {**hf, "num_key_value_heads": None}  # noqa: E731
+    else:
+        sizes = dict(QWEN2_SIZES, num_attention_heads=32)  # transformers' defaults otherwise
+        dropped = ("num_key_value_heads", "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps",
+                   "tie_word_embeddings", "max_position_embeddings", "head_dim")
+        edit = lambda hf: {k: v for k, v in hf.items() if k not in dropped}  # noqa: E731
+    model = _randomise(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes)), 5)
+    model.save_pretrained(tmp_path / "qwen")
+    _rewrite_config(tmp_path / "qwen", edit)
+
+    config, params = qwen2_from_hf_folder(tmp_path / "qwen")
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen", dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    hf = ref.config
+    assert (config.num_kv_heads, config.tie_embeddings, config.rms_eps) == (
+        hf.num_key_value_heads, hf.tie_word_embeddings, hf.rms_norm_eps)
+    assert config.num_kv_heads == (4 if case == "null_kv_heads" else 32)
+    assert config.tie_embeddings == (case == "null_kv_heads")
+    back = qwen2_params_to_torch(params, config)
+    written = model.state_dict()
+    assert set(back) == set(written)
+    for key, value in written.items():
+        np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+    ids = np.random.default_rng(0).integers(0, sizes["vocab_size"], (2, 24))
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
+    row = compare("qwen2", "logits", _logits(config, params, ids), want, FORWARD)
+    assert row.ok, f"logits: {row.max_abs_err:.3e} > {row.bound:.3e}"
