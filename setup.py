@@ -25,6 +25,8 @@ setup(
         "pillow",
     ],
     extras_require={
+        # Reading the official release (.bin / .ckpt torch pickles) and `unipic-jax export`.
+        "convert": ["torch==2.13.0"],
         "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
         # TPU runs and `unipic-jax compile` for TPU topologies on any host (libtpu 0.0.42.1).
         "tpu": ["jax[tpu]==0.10.2"],

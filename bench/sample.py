@@ -1,6 +1,6 @@
 """Benchmark one text-to-image sample: compile time, steady-state time, programs, peak memory.
 
-    python bench/sample.py --config ../shared/bench/cpu_bench.json --threads 2 --repeats 5 --dtype fp32
+    python bench/sample.py --config bench/cpu_bench.json --threads 2 --repeats 5 --dtype fp32
     python bench/sample.py --config unipic_1p5b --random-weights --size 1024 --steps 64 --dtype bf16
 
 `--config` is a CPU-bench JSON (the mid-size architecture the official code is timed on: the model

@@ -10,6 +10,10 @@ from pathlib import Path
 import jax
 import pytest
 
+# The persistent compilation cache (on by default for users) stays off in tests unless a test turns
+# it on with a folder of its own: tests must not write into the home folder.
+os.environ.setdefault("UNIPIC_JAX_CACHE", "off")
+
 jax.config.update("jax_default_matmul_precision", "highest")
 # Eight host devices so sharding tests can build real meshes in-process; computations that are not
 # sharded explicitly still run on device 0. Must happen before the first backend use.

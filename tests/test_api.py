@@ -89,23 +89,21 @@ def test_generate_returns_images_and_compiles_once(pipe):
     assert not np.array_equal(np.asarray(other[0]), np.asarray(first[0]))
 
 
-def test_progress_bar_counts_mar_steps(pipe, monkeypatch):
-    class Bar:
-        n, closed = 0, False
+def test_progress_bar_says_compiling_then_counts_mar_steps(pipe, monkeypatch):
+    """The bar reads "compiling" until the first MAR step ends, then restarts its clock (so the ETA
+    leaves the compile out) and counts every step."""
+    bars, real = [], api._progress
 
-        def update(self, k):
-            self.n += k
+    def spy(total, enabled, desc):
+        bar = real(total, enabled, desc)
+        bars.append((bar, bar.desc))
+        return bar
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.closed = True
-
-    bar = Bar()
-    monkeypatch.setattr(api, "_progress", lambda total, enabled, desc: bar if enabled else None)
+    monkeypatch.setattr(api, "_progress", spy)
     pipe.generate("a red fox", size=SIZE, steps=STEPS, seed=0)
-    assert (bar.n, bar.closed) == (STEPS, True)
+    (bar, first_desc), = bars
+    assert first_desc == "generate: compiling" and bar.desc == "generate"
+    assert (bar.n, bar.initial, bar.total) == (STEPS, 1, STEPS)
 
 
 def test_edit_returns_image_of_the_size(pipe, picture):
@@ -127,18 +125,29 @@ def test_caption_returns_text_and_compiles_once(pipe, picture):
 def test_bad_input_is_refused_before_sampling(pipe, tmp_path):
     traces = dict(t2i.TRACES)
     with pytest.raises(ValueError, match="multiple of 16"):
-        pipe.generate("a fox", size=SIZE + 8)
+        pipe.generate("a fox", size=SIZE + 8, steps=STEPS)
     with pytest.raises(ValueError, match="empty prompt"):
-        pipe.generate("  ", size=SIZE)
+        pipe.generate("  ", size=SIZE, steps=STEPS)
     with pytest.raises(ValueError, match="tokens but at most"):
-        pipe.generate("a" * pipe.context, size=SIZE)
+        pipe.generate("a" * pipe.context, size=SIZE, steps=STEPS)
+    tokens = (SIZE // 16) ** 2  # each MAR step predicts at least one of these
+    with pytest.raises(ValueError, match=rf"steps must be an integer in \[1, {tokens}\]"):
+        pipe.generate("a fox", size=SIZE, steps=tokens + 1)
+    for bad in (dict(cfg=float("nan")), dict(cfg=float("inf")), dict(temperature=float("nan")), dict(batch=0),
+                dict(seed=2 ** 32), dict(seed=-1), dict(seed=1.5)):
+        with pytest.raises(ValueError, match="must be"):
+            pipe.generate("a fox", size=SIZE, steps=STEPS, **bad)
+    with pytest.raises(ValueError, match="more than the model's context"):
+        pipe.generate("a fox", size=16 * 4096, steps=STEPS)
     with pytest.raises(ValueError, match="empty edit instruction"):
-        pipe.edit(Image.new("RGB", (SIZE, SIZE)), "", size=SIZE)
+        pipe.edit(Image.new("RGB", (SIZE, SIZE)), "", size=SIZE, steps=STEPS)
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ValueError, match="not an image file"):
-        pipe.edit(tmp_path / "notes.png", "make it blue", size=SIZE)
+        pipe.edit(tmp_path / "notes.png", "make it blue", size=SIZE, steps=STEPS)
     with pytest.raises(ValueError, match="siglip path takes"):
         pipe.caption(Image.new("RGB", (SIZE, SIZE)), size=CONFIG.siglip.image_size + 16, path="siglip")
+    with pytest.raises(ValueError, match="more than the model's context"):
+        pipe.caption(Image.new("RGB", (SIZE, SIZE)), size=100_000)
     with pytest.raises(ValueError, match="dtype must be one of"):
         UniPicPipeline.from_pretrained("unused", dtype="float16")
     assert dict(t2i.TRACES) == traces

@@ -8,6 +8,7 @@ checkpoint; loading it and exporting back must reproduce the fixture's state dic
 """
 
 import json
+import os
 import shutil
 
 import jax
@@ -162,6 +163,42 @@ def test_existing_destination_needs_force(release, converted, capsys):
     assert cli.main(["convert", str(release), str(converted), "--config", str(UNIPIC)]) == 2
     assert "already exists (pass --force" in capsys.readouterr().err
     assert (converted / "config.json").stat().st_mtime_ns == before
+
+
+def test_force_never_replaces_a_foreign_folder_or_the_source(release, converted, tmp_path, capsys):
+    """`--force` replaces only a checkpoint this project wrote: not a folder of the user's, not the
+    release being read, not a folder holding it. Each refusal happens before any conversion."""
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    holder = tmp_path / "holder"
+    shutil.copytree(converted, holder)
+    (holder / "inner").mkdir()
+    cases = [(str(user), "is not a unipic-jax checkpoint"), (str(release), "holds"),
+             (str(release.parent), "holds")]
+    for dst, match in cases:
+        assert cli.main(["convert", str(release), dst, "--config", str(UNIPIC), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+    assert (user / "thesis.tex").read_text() == "years of work" and _entries(user) == ["thesis.tex"]
+    assert (release / "pytorch_model.bin").is_file() and (release / "kl16.ckpt").is_file()
+    # a checkpoint holding the source is refused too (converting from a folder inside it)
+    with pytest.raises(CheckpointError, match="holds"):
+        checkpoint.check_destination(holder, overwrite=True, sources=[holder / "inner"])
+    assert checkpoint.check_destination(holder, overwrite=True, sources=[release]) == holder.absolute()
+
+
+def test_leftovers_of_a_killed_convert_are_removed(release, tmp_path, capsys):
+    """A killed writer leaves `.NAME.PID.XXXX.partial`; the next write beside it removes those of
+    dead processes and keeps a live writer's."""
+    dead = 999_999_999  # above Linux's pid_max (4,194,304): no process has it
+    stale = tmp_path / f".ckpt.{dead}.abcd.partial"
+    stale.mkdir()
+    (stale / "params").mkdir()
+    live = tmp_path / f".ckpt.{os.getpid()}.efgh.partial"
+    live.mkdir()
+    assert cli.main(["convert", str(release), str(tmp_path / "ckpt"), "--config", str(UNIPIC)]) == 0
+    assert _entries(tmp_path) == [live.name, "ckpt"]
 
 
 def test_failed_convert_leaves_nothing(release, tmp_path, capsys):

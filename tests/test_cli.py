@@ -67,6 +67,24 @@ BAD = [
     ("no-image", ["caption", "--image", "{missing}"], "no such image file"),
     ("caption-size", ["caption", "--image", "{picture}", "--size", "30"], "multiple of 16"),
     ("jsonl", ["generate", "--prompts", "{jsonl}", *FAST], ":2: empty prompt"),
+    # Settings the model cannot run are refused before the model is loaded (the checks read only
+    # the checkpoint's config.json), with the limit in the message.
+    ("steps-over-tokens", ["generate", "--prompt", "a fox", "--size", "16", "--steps", "32"], "steps must be"),
+    ("cfg-nan", ["generate", "--prompt", "a fox", *FAST, "--cfg", "nan"], "cfg (guidance scale) must be a finite"),
+    ("cfg-inf", ["generate", "--prompt", "a fox", *FAST, "--cfg", "inf"], "finite number"),
+    ("temperature-nan", ["generate", "--prompt", "a fox", *FAST, "--temperature", "nan"], "temperature must be"),
+    ("batch-0", ["generate", "--prompt", "a fox", *FAST, "--batch", "0"], "batch must be an integer in [1, 64]"),
+    ("seed-huge", ["generate", "--prompt", "a fox", *FAST, "--seed", str(2 ** 64)], "seed must be an integer"),
+    ("seed-negative", ["edit", "--image", "{picture}", "--prompt", "x", *FAST, "--seed", "-1"], "seed must be"),
+    ("edit-huge", ["edit", "--image", "{picture}", "--prompt", "blue", "--size", "100000"], "more than the model's"),
+    ("caption-huge", ["caption", "--image", "{picture}", "--size", "100000"], "more than the model's context"),
+    ("caption-top-p", ["caption", "--image", "{picture}", "--sample", "--top-p", "0"], "top_p must be"),
+    ("gif", ["generate", "--prompt", "a fox", *FAST, "--out", "{out}/x.gif"], "unknown image type"),
+    ("name-escapes", ["generate", "--prompts", "{escape}", *FAST], 'must be a plain file name'),
+    ("name-absolute", ["generate", "--prompts", "{absolute}", *FAST], 'must be a plain file name'),
+    ("name-empty", ["generate", "--prompts", "{blank}", *FAST], 'must be a plain file name'),
+    ("name-twice", ["generate", "--prompts", "{twice}", *FAST], "two outputs would share"),
+    ("seed-string", ["generate", "--prompts", "{seedstr}", *FAST], ":1: seed must be an integer"),
 ]
 
 
@@ -74,11 +92,16 @@ BAD = [
 def test_bad_input(name, argv, match, ckpt, picture, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a fox"}\n{"prompt": ""}\n')
+    files = dict(escape='{"prompt": "a", "name": "../../x"}', absolute=f'{{"prompt": "a", "name": "{tmp_path}/x"}}',
+                 blank='{"prompt": "a", "name": ""}', twice='{"prompt": "a", "name": "a"}\n{"prompt": "b", "name": "A"}',
+                 seedstr='{"prompt": "a", "seed": "7"}')
+    for name, text in files.items():
+        (tmp_path / f"{name}.jsonl").write_text(text + "\n")
     paths = dict(picture=picture, text=tmp_path / "notes.png", missing=tmp_path / "gone.png",
-                 jsonl=tmp_path / "p.jsonl")
+                 jsonl=tmp_path / "p.jsonl", out=tmp_path / "out", **{n: tmp_path / f"{n}.jsonl" for n in files})
     argv = [a.format(**paths) for a in argv]
     out = ["--out-dir" if "--prompts" in argv else "--out", str(tmp_path / "out" / "x.png")]
-    if argv[0] == "caption":
+    if argv[0] == "caption" or "--out" in argv:
         out = []
     _bad(capsys, tmp_path, argv + ["--checkpoint", str(ckpt)] + out, match)
 
@@ -126,3 +149,104 @@ def test_edit_and_caption(ckpt, picture, tmp_path, capsys):
     assert cli.main(["caption", "--checkpoint", str(ckpt), "--image", str(out), "--size", SIZE,
                      "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_outputs_are_never_silently_replaced(ckpt, tmp_path, capsys):
+    """An existing --out is refused before any work (the file is untouched); --overwrite replaces it."""
+    out = tmp_path / "fox.png"
+    out.write_bytes(b"the user's picture")
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "a fox", "--seed", "1", *FAST, "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's picture"
+    assert cli.main(argv + ["--overwrite"]) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.png"]
+
+
+def test_output_type_follows_the_suffix_and_seed_null_is_derived(ckpt, tmp_path, capsys):
+    from unipic_jax import images
+
+    jobs = tmp_path / "p.jsonl"
+    jobs.write_text('{"prompt": "a fox", "seed": null, "name": "fox"}\n')
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompts", str(jobs), "--seed", "5", *FAST,
+                     "--format", "webp", "--out-dir", str(tmp_path / "d")]) == 0
+    assert images.read_metadata(tmp_path / "d" / "fox.webp")["seed"] == "5"
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "a fox", "--seed", "2", *FAST,
+                     "--out", str(tmp_path / "fox.jpg")]) == 0
+    with Image.open(tmp_path / "fox.jpg") as img:
+        assert img.format == "JPEG"
+    assert images.read_metadata(tmp_path / "fox.jpg")["prompt"] == "a fox"
+
+
+def test_a_file_made_while_sampling_is_kept(ckpt, tmp_path, monkeypatch, capsys):
+    """Two processes on one --out: the one that finishes second writes NAME.1.EXT, nothing is lost."""
+    from unipic_jax.api import UniPicPipeline
+
+    out = tmp_path / "fox.png"
+    generate = UniPicPipeline.generate
+
+    def racing_generate(self, *args, **kwargs):
+        result = generate(self, *args, **kwargs)
+        out.write_bytes(b"the other process's picture")
+        return result
+
+    monkeypatch.setattr(UniPicPipeline, "generate", racing_generate)
+    assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "a fox", *FAST, "--out", str(out)]) == 0
+    assert "appeared while sampling" in capsys.readouterr().err
+    assert out.read_bytes() == b"the other process's picture"
+    with Image.open(tmp_path / "fox.1.png") as img:
+        assert img.format == "PNG"
+
+
+def test_damaged_tokenizer_and_config_are_one_line_errors(ckpt, tmp_path, capsys):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken)
+    (broken / "tokenizer" / "tokenizer.json").write_text("{}")
+    _bad(capsys, tmp_path, ["caption", "--checkpoint", str(broken), "--image", str(broken / "config.json")],
+         "not an image file")  # the image is checked before the model is loaded
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (int(SIZE), int(SIZE))).save(picture)
+    _bad(capsys, tmp_path, ["caption", "--checkpoint", str(broken), "--image", str(picture), "--size", SIZE],
+         "cannot load the tokenizer")
+    doc = json.loads((broken / "config.json").read_text())
+    del doc["config"]["qwen2"]["rms_eps"]
+    (broken / "config.json").write_text(json.dumps(doc))
+    _bad(capsys, tmp_path, ["caption", "--checkpoint", str(broken), "--image", str(picture), "--size", SIZE],
+         "section 'qwen2': missing rms_eps")
+
+
+def test_malformed_parity_fixture_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "meta.json").write_text("{}")
+    assert cli.main(["parity", str(tmp_path), "--only", "vae"]) == 2
+    err = capsys.readouterr().err
+    assert "malformed fixture" in err and err.count("\n") == 1, err
+
+
+def test_compile_cache_location(monkeypatch, tmp_path):
+    from unipic_jax import compile_cache
+
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.cache_dir() is None
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "c"))
+    assert compile_cache.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert compile_cache.cache_dir() == tmp_path / "x" / "unipic-jax" / "xla"
+
+
+def test_libtpu_is_kept_quiet_on_hosts_without_tpu_chips(monkeypatch):
+    import importlib.util
+    import os
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else None if "cuda" in name else real(name, *a))
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert not cli.quiet_libtpu("generate")  # JAX already imported (as in this test process): hands off
+    monkeypatch.delitem(sys.modules, "jax")
+    assert not cli.quiet_libtpu("compile")  # `compile` needs libtpu's compiler
+    assert cli.quiet_libtpu("generate") and os.environ["JAX_PLATFORMS"] == "cpu"

@@ -51,6 +51,85 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 32
 DEFAULT_MAX_NEW_TOKENS = 1024
+MAX_SEED = 2 ** 32 - 1  # jax.random.key folds larger seeds onto these (2**32 and 0 give one image)
+MAX_BATCH = 64          # images per prompt in one call
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int in [0, MAX_SEED], else ValueError (bools, floats and strings included)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return int(seed)
+
+
+def _finite(name: str, value, low: float, *, above: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(x) or x < low or (above and x == low):
+        raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {low:g}, got {value!r}")
+    return x
+
+
+def _count(name: str, value, low: int = 1, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+            high is not None and value > high):
+        rule = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {rule}, got {value!r}")
+    return int(value)
+
+
+def _check_image_tokens(config: UniPicConfig, count: int, size: int, reserved: int = 0) -> None:
+    context = config.qwen2.max_position_embeddings
+    if count + reserved >= context:
+        raise ValueError(f"size {size}px needs {count} image tokens, more than the model's context of "
+                         f"{context} tokens holds with a prompt; use a smaller size")
+
+
+def check_image_size(config: UniPicConfig, size: int) -> None:
+    """Raise ValueError unless `size` is a positive multiple of 16 whose image tokens fit the context."""
+    _count("size", size)
+    images.check_size(size)
+    _check_image_tokens(config, prompts.image_token_count(size, size, config.mar), size)
+
+
+def check_sampling(config: UniPicConfig, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
+                   cfg: float = 3.0, temperature: float = 1.0, batch: int = 1) -> None:
+    """Raise ValueError (one line) for sampling settings the model cannot run, before any work:
+    a size that is not a positive multiple of 16 or whose image tokens overflow the context, more
+    MAR steps than image tokens, a guidance scale or temperature that is negative or not finite,
+    a batch outside [1, MAX_BATCH]."""
+    check_image_size(config, size)
+    side = size // (config.mar.vae_stride * config.mar.patch_size)
+    _count("steps", steps, 1, side * side)  # each MAR step predicts at least one of side*side tokens
+    _finite("cfg (guidance scale)", cfg, 0.0)
+    _finite("temperature", temperature, 0.0)
+    _count("batch", batch, 1, MAX_BATCH)
+
+
+def check_caption(config: UniPicConfig, *, size: Optional[int] = None, path: str = "mar",
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0) -> int:
+    """Raise ValueError (one line) for caption settings the model cannot run, before any work;
+    returns the image side the model will see."""
+    if path not in caption_lib.PATHS:
+        raise ValueError(f"path must be one of {', '.join(caption_lib.PATHS)}, got {path!r}")
+    if path == "siglip":
+        native = config.siglip.image_size
+        if size not in (None, native):
+            raise ValueError(f"the siglip path takes {native}px images, not {size}")
+        size = native
+    size = DEFAULT_SIZE if size is None else _count("size", size)
+    images.check_size(size)
+    max_new_tokens = _count("max_new_tokens", max_new_tokens)
+    _check_image_tokens(config, caption_lib.image_token_count(config, (size, size), path), size, max_new_tokens)
+    if sample:
+        _finite("temperature", temperature, 0.0, above=True)
+        _count("top_k", top_k, 0)
+        if not 0.0 < _finite("top_p", top_p, 0.0, above=True) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    return size
 
 
 def parse_dtype(dtype: str):
@@ -72,24 +151,57 @@ def _model_input_image(image: ImageInput) -> Image.Image:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    """A context manager giving a tqdm bar over MAR steps, or None."""
+    """A context manager giving a tqdm bar over MAR steps, or None. Until the first step ends the
+    bar says "compiling" (the first call at a size compiles the sampler, cached afterwards)."""
     if not enabled:
         return contextlib.nullcontext()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
+    bar = tqdm(total=total, desc=f"{desc}: compiling", unit="step", leave=False)
+    bar.task = desc
+    return bar
 
 
 def _step_hook(bar) -> dict:
-    """The sampler's `on_step` argument advancing `bar` as each MAR step finishes (none without a bar)."""
+    """The sampler's `on_step` argument advancing `bar` as each MAR step finishes (none without a bar).
+
+    After the first step (which includes compiling) the bar's clock restarts, so the rate and ETA
+    it shows are those of the steady steps."""
     if bar is None:
         return {}
 
     def on_step(index: int, tokens) -> None:
         jax.block_until_ready(tokens)  # dispatch is asynchronous: count finished steps
-        bar.update(1)
+        if bar.n == 0:
+            bar.reset(total=bar.total)
+            bar.initial = bar.n = 1  # tqdm's rate is (n - initial) / elapsed
+            bar.set_description_str(bar.task)
+        else:
+            bar.update(1)
 
     return {"on_step": on_step}
+
+
+def peek_config(path: str | os.PathLike, config: ml_collections.ConfigDict | None = None) -> UniPicConfig:
+    """The model config `from_pretrained(path, config=config)` would build, read without loading any
+    weights (so that settings can be checked first): a checkpoint's or training workdir's stored
+    config, else `config` or the released sizes. Raises ValueError for a damaged config."""
+    from unipic_jax.train import runs
+
+    folder = Path(path)
+    if runs.is_run(folder):
+        return UniPicConfig.from_config(runs.model_config(folder))
+    if (folder / checkpoint.CONFIG_FILE).is_file() and not (folder / "pytorch_model.bin").exists():
+        return UniPicConfig.from_config(checkpoint.read_config(folder))
+    if config is None:
+        from configs import unipic_1p5b
+
+        config = unipic_1p5b.get_config()
+    if (folder / "pytorch_model.bin").is_file():
+        from convert.unipic import release_config
+
+        config = release_config(folder, config)
+    return UniPicConfig.from_config(config)
 
 
 class UniPicPipeline:
@@ -132,7 +244,9 @@ class UniPicPipeline:
             Qwen2.5-1.5B-Instruct/): converted in memory on every load (a warning suggests
             `unipic-jax convert`); `config` gives its sizes (default configs/unipic_1p5b.py);
           * a Hugging Face Hub id such as "Skywork/Skywork-UniPic-1.5B": downloaded (online only;
-            offline it is a clear error) and converted as a release folder.
+            offline it is a clear error) and converted as a release folder;
+          * a training workdir of `unipic-jax train`: the EMA params of its newest intact step
+            (`unipic-jax convert WORKDIR DIR` makes a checkpoint of them).
 
         `dtype` is "float32" (the parity setting) or "bfloat16": the reference's inference mode,
         bf16 weights (restored straight into bf16) and activations, the model keeping norm
@@ -140,10 +254,18 @@ class UniPicPipeline:
         (a Qwen2.5 folder). Raises ValueError (`checkpoint.CheckpointError`, `ConversionError`)
         naming what is missing or damaged.
         """
+        from unipic_jax import compile_cache
+        from unipic_jax.train import runs
+
+        compile_cache.enable()
         compute_dtype = parse_dtype(dtype)
         folder = Path(path)
         is_checkpoint = (folder / checkpoint.CONFIG_FILE).is_file() and not (folder / "pytorch_model.bin").exists()
-        if is_checkpoint:
+        if runs.is_run(folder):
+            stored, params, run_tokenizer, _ = runs.read_run(folder)
+            params = _cast(params, compute_dtype)
+            tokenizer_folder = tokenizer or run_tokenizer
+        elif is_checkpoint:
             stored, params = checkpoint.load(
                 folder, param_shapes=lambda c: _cast(param_shapes(UniPicConfig.from_config(c)), compute_dtype))
             tokenizer_folder = tokenizer or checkpoint.tokenizer_dir(folder)
@@ -166,7 +288,9 @@ class UniPicPipeline:
 
     @staticmethod
     def _convert(release: Path, config: ml_collections.ConfigDict | None):
-        from convert.unipic import load_release
+        """(config, params) of a release folder; the LLM's and SigLIP2's sizes come from the
+        release's own config.json files (`convert.unipic.release_config`)."""
+        from convert.unipic import load_release_with_config
 
         if config is None:
             from configs import unipic_1p5b
@@ -174,7 +298,7 @@ class UniPicPipeline:
             config = unipic_1p5b.get_config()
         warnings.warn(f"{release}: converting the official release in memory on every load; run "
                       f"`unipic-jax convert {release} DIR` once and load DIR instead", stacklevel=3)
-        params = load_release(release, UniPicConfig.from_config(config))
+        config, params = load_release_with_config(release, config)
         return config, jax.device_put(params, jax.devices()[0])
 
     # ------------------------------------------------------------------------------------------
@@ -187,7 +311,7 @@ class UniPicPipeline:
 
     def _grid(self, size: int) -> tuple[tuple[int, int], int]:
         """(latent grid, `<image>` ids per image: grid tokens + buffer) at `size` pixels."""
-        images.check_size(size)
+        check_image_size(self.config, size)
         count = prompts.image_token_count(size, size, self.config.mar)
         side = size // (self.config.mar.vae_stride * self.config.mar.patch_size)
         return (side, side), count
@@ -234,10 +358,9 @@ class UniPicPipeline:
         `info` holds the prompt, seed and settings (`save_png` writes them as PNG text).
         """
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if batch < 1 or steps < 1:
-            raise ValueError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
+        check_sampling(self.config, size=size, steps=steps, cfg=cfg, temperature=temperature, batch=batch)
+        seed = new_seed() if seed is None else check_seed(seed)
         grid, ids, mask = self._t2i_rows(texts, size=size, batch=batch, guided=cfg != 1.0)
-        seed = new_seed() if seed is None else int(seed)
         with _progress(steps, progress, "generate") as bar:
             out = t2i.text_to_image(self.model, self.params, ids, mask, prompt_bucket=PROMPT_BUCKET,
                                     image_shape=grid, num_iter=steps, cfg=cfg, cfg_schedule=cfg_schedule,
@@ -256,14 +379,13 @@ class UniPicPipeline:
         The source is centre-cropped to a square and resized to `size` (a multiple of 16); the
         guidance prompt is "Repeat this image.". Other arguments as `generate`.
         """
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_sampling(self.config, size=size, steps=steps, cfg=cfg, temperature=temperature)
+        seed = new_seed() if seed is None else check_seed(seed)
         grid, image_tokens = self._grid(size)
         cond = prompts.edit_prompt(prompt, image_tokens)
         rows = [cond, prompts.edit_cfg_prompt(image_tokens)] if cfg != 1.0 else [cond]
         ids, mask = self._batch(rows, reserved=image_tokens, bucket=PROMPT_BUCKET)
         source = images.to_model_input(images.center_crop_square(_model_input_image(image)), size)
-        seed = new_seed() if seed is None else int(seed)
         with _progress(steps, progress, "edit") as bar:
             out = t2i.edit(self.model, self.params, source, ids, mask, num_iter=steps, cfg=cfg,
                            cfg_schedule=cfg_schedule, temperature=temperature, key=jax.random.key(seed),
@@ -286,21 +408,14 @@ class UniPicPipeline:
         `repetition_penalty` None uses the checkpoint's generation_config.json (1.1 for the
         release, as `image2text.py` effectively runs).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if path == "siglip":
-            native = self.config.siglip.image_size
-            if size not in (None, native):
-                raise ValueError(f"the siglip path takes {native}px images, not {size}")
-            size = native
-        size = DEFAULT_SIZE if size is None else size
-        images.check_size(size)
+        size = check_caption(self.config, size=size, path=path, max_new_tokens=max_new_tokens, sample=sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
         count = caption_lib.image_token_count(self.config, (size, size), path)
         ids, mask = self._batch([prompts.caption_prompt(count, prompt)], reserved=max_new_tokens,
                                 bucket=CAPTION_BUCKET)
         bf16 = jnp.dtype(self.model.dtype) == jnp.bfloat16  # the script converts in the model's dtype
         pixels = images.to_model_input(images.expand_to_square(_model_input_image(image)), size, bf16_ops=bf16)
-        rng = jax.random.key(new_seed() if seed is None else int(seed)) if sample else None
+        rng = jax.random.key(new_seed() if seed is None else check_seed(seed)) if sample else None
         penalty = self.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         out = caption_lib.caption(self.model, self.params, pixels, ids, mask, path=path, max_new_tokens=max_new_tokens,
                                   repetition_penalty=penalty, rng=rng, temperature=temperature, top_k=top_k,
@@ -332,7 +447,8 @@ def _repetition_penalty(tokenizer_folder: Path) -> float:
         raise checkpoint.CheckpointError(f"{file}: not a valid generation config") from None
 
 
-def save_images(imgs: Sequence[Image.Image], paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Write images as PNGs carrying their `info` (prompt, seed, settings) as text metadata."""
-    return [images.save_png(img, p, img.info) for img, p in zip(imgs, paths)]
-
+def save_images(imgs: Sequence[Image.Image], paths: Sequence[str | os.PathLike], *,
+                overwrite: bool = False) -> list[Path]:
+    """Write images (PNG, JPEG or WebP by suffix) carrying their `info` (prompt, seed, settings) as
+    metadata. An existing file is a `FileExistsError` unless `overwrite`."""
+    return [images.save_image(img, p, img.info, overwrite=overwrite) for img, p in zip(imgs, paths)]

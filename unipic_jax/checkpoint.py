@@ -82,18 +82,50 @@ def config_from_json(text: str, where: str = "config.json") -> ml_collections.Co
     return ml_collections.ConfigDict(_tuples(doc["config"]))
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder this project wrote with `save` (its config.json says so)."""
+    try:
+        doc = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_destination(path: str | os.PathLike, *, overwrite: bool, sources=()) -> Path:
+    """Raise unless a checkpoint may be written at `path`: nothing is there, or (with `overwrite`)
+    a checkpoint this project wrote, which holds none of `sources` (folders or files the new
+    checkpoint is made from). Never replaces any other folder."""
+    dest = Path(path).absolute()
+    for source in sources:
+        if source is not None and Path(source).exists() and _inside(Path(source), dest):
+            raise CheckpointError(f"{dest}: holds {source}, which the new checkpoint is made from; "
+                                  f"write it somewhere else")
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{dest}: already exists (pass --force / overwrite=True to replace a checkpoint)")
+        if dest.is_symlink() or not is_checkpoint(dest):
+            raise CheckpointError(f"{dest}: exists and is not a unipic-jax checkpoint; refusing to replace it "
+                                  f"(only checkpoints this project wrote are replaced)")
+    return dest
+
+
 def save(path: str | os.PathLike, params: PyTree, config: ml_collections.ConfigDict, *,
-         tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+         tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False, sources=()) -> Path:
     """Write `params` and `config` (plus the tokenizer files of `tokenizer_dir`) as a checkpoint.
 
     The directory appears only once complete. An existing checkpoint at `path` is an error
-    unless `overwrite`, and is replaced only after the new one is fully written.
+    unless `overwrite`, and is replaced only after the new one is fully written; anything at
+    `path` that is not a checkpoint, or that holds one of `sources` or `tokenizer_dir`, is never
+    replaced (`check_destination`).
     """
     import orbax.checkpoint as ocp
 
-    dest = Path(path).absolute()
-    if dest.exists() and not overwrite:
-        raise CheckpointError(f"{dest}: already exists (overwrite it explicitly)")
+    dest = check_destination(path, overwrite=overwrite, sources=(*sources, tokenizer_dir))
     tokenizer_files = []
     if tokenizer_dir is not None:
         tokenizer_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).is_file()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,47 +29,142 @@ def _parity(args) -> int:
     return 0 if ok else 1
 
 
+MODEL_CONFIGS = ("unipic_1p5b", "tiny")
+
+
 def _model_config(spec: str):
-    """`--config`: "unipic_1p5b" (the released sizes) or a fixture folder / meta.json."""
+    """`--config`: "unipic_1p5b" (the released sizes), "tiny" (the smoke stage's toy sizes) or a
+    fixture folder / meta.json."""
     if spec == "unipic_1p5b":
         from configs import unipic_1p5b
 
         return unipic_1p5b.get_config()
+    if spec == "tiny":
+        from configs.stages.smoke import tiny_model
+
+        return tiny_model()
     from configs import fixture
 
     path = Path(spec)
     if not (path / "meta.json").is_file() and not (path.is_file() and path.suffix == ".json"):
-        raise ValueError(f"--config {spec}: want 'unipic_1p5b' or a fixture folder holding meta.json")
-    return fixture.get_config(path)
+        raise ValueError(f"--config {spec}: want {' or '.join(map(repr, MODEL_CONFIGS))} or a fixture folder "
+                         f"holding meta.json")
+    try:
+        return fixture.get_config(path)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--config {spec}: malformed meta.json ({type(e).__name__}: {e})") from None
 
 
-def _convert(args) -> int:
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _describe(params) -> str:
     import jax
     import numpy as np
 
-    from convert.unipic import load_release
+    leaves = jax.tree.leaves(params)
+    return (f"{sum(int(np.size(a)) for a in leaves):,} parameters "
+            f"({_size(sum(int(np.asarray(a).nbytes) for a in leaves))})")
+
+
+def _is_fixture(folder: Path) -> bool:
+    return (folder / "meta.json").is_file() and (folder / "weights.safetensors").is_file()
+
+
+def _stand_in_tokenizer(config, folder: Path) -> Path:
+    """A byte-level tokenizer with the config's special ids (tiny random-weight models only)."""
+    from unipic_jax import prompts
+
+    tokens, vocab = config.tokens, config.qwen2.vocab_size
+    if tokens.image != vocab - 1:
+        raise ValueError(f"this model's <image> id {tokens.image} is not its last vocabulary id {vocab - 1}, so "
+                         f"no stand-in tokenizer fits; pass --tokenizer (the Qwen2.5-1.5B-Instruct folder)")
+    return prompts.write_byte_tokenizer(folder, vocab_size=vocab, eos_id=tokens.eos, pad_id=tokens.pad)
+
+
+def _convert(args) -> int:
+    import tempfile
+
     from unipic_jax import checkpoint
     from unipic_jax.models.unipic import UniPicConfig
+    from unipic_jax.train import runs
+
+    src, dst = Path(args.src), Path(args.dst)
+    sources = [src] if src.exists() else []
+    checkpoint.check_destination(dst, overwrite=args.force, sources=sources)  # before any heavy work
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        if runs.is_run(src):
+            if args.config:
+                raise ValueError("--config: a training workdir stores its own model config; leave it out")
+            config, params, tokenizer, step = runs.read_run(src, weights=args.weights)
+            print(f"read the {args.weights} params of step {step} of the run in {src}", flush=True)
+        elif src.is_dir() and _is_fixture(src):
+            from safetensors.numpy import load_file
+
+            from convert.unipic import unipic_params_from_torch
+
+            config = _model_config(os.fspath(src))
+            params = unipic_params_from_torch(load_file(src / "weights.safetensors"), UniPicConfig.from_config(config),
+                                              what=f"fixture {src}")
+            tokenizer = _stand_in_tokenizer(config, Path(scratch) / "tokenizer")
+            print(f"read the fixture model in {src} (random weights; a byte-level stand-in tokenizer)", flush=True)
+        else:
+            from convert.unipic import load_release_with_config
+
+            folder = checkpoint.fetch_release(args.src)
+            print(f"reading and converting the release in {folder} ...", flush=True)
+            config, params = load_release_with_config(folder, _model_config(args.config or "unipic_1p5b"))
+            tokenizer = checkpoint.find_tokenizer_dir(folder)
+            if tokenizer is None:
+                print("  note: no tokenizer folder found in the release; pass one at generation time", flush=True)
+        print(f"  {_describe(params)} in {time.perf_counter() - start:.0f}s", flush=True)
+        print(f"writing the checkpoint to {dst} ...", flush=True)
+        checkpoint.save(dst, params, config, tokenizer_dir=tokenizer, overwrite=args.force, sources=sources)
+    print(f"done in {time.perf_counter() - start:.0f}s", flush=True)
+    return 0
+
+
+def _init(args) -> int:
+    import tempfile
+
+    import jax
+
+    from unipic_jax import checkpoint
+    from unipic_jax.api import check_seed
+    from unipic_jax.models.unipic import UniPicConfig, init_params
 
     config = _model_config(args.config)
-    dst = Path(args.dst)
+    seed = check_seed(args.seed)
+    dst = checkpoint.check_destination(args.dst, overwrite=args.force)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = Path(args.tokenizer) if args.tokenizer else _stand_in_tokenizer(config, Path(scratch) / "tok")
+        params = init_params(UniPicConfig.from_config(config), jax.random.key(seed))
+        checkpoint.save(dst, params, config, tokenizer_dir=tokenizer, overwrite=args.force)
+    print(f"{dst}: a random-weight {args.config} checkpoint, {_describe(params)} (seed {seed}); its "
+          f"pictures are noise, but every command runs on it", flush=True)
+    return 0
+
+
+def _export(args) -> int:
+    from convert.export import export_release
+    from unipic_jax import checkpoint
+    from unipic_jax.models.unipic import UniPicConfig
+    from unipic_jax.train import runs
+
+    src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and not args.force:
-        raise ValueError(f"{dst}: already exists (pass --force to replace it)")
-    start = time.perf_counter()
-    folder = checkpoint.fetch_release(args.src)
-    print(f"reading and converting the release in {folder} ...", flush=True)
-    params = load_release(folder, UniPicConfig.from_config(config))
-    leaves = jax.tree.leaves(params)
-    size = sum(int(np.asarray(a).nbytes) for a in leaves)
-    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-    print(f"  {sum(int(np.size(a)) for a in leaves):,} parameters ({shown}) "
-          f"in {time.perf_counter() - start:.0f}s", flush=True)
-    tokenizer = checkpoint.find_tokenizer_dir(folder)
-    if tokenizer is None:
-        print("  note: no tokenizer folder found in the release; pass one at generation time", flush=True)
-    print(f"writing the checkpoint to {dst} ...", flush=True)
-    checkpoint.save(dst, params, config, tokenizer_dir=tokenizer, overwrite=args.force)
-    print(f"done in {time.perf_counter() - start:.0f}s", flush=True)
+        raise ValueError(f"{dst}: already exists (pass --force to replace an earlier export)")
+    if runs.is_run(src):
+        config, params, tokenizer, step = runs.read_run(src, weights=args.weights)
+        print(f"read the {args.weights} params of step {step} of the run in {src}", flush=True)
+    else:
+        config, params = checkpoint.load(src)
+        tokenizer = checkpoint.tokenizer_dir(src)
+    out = export_release(params, UniPicConfig.from_config(config), dst, tokenizer_dir=tokenizer,
+                         dtype=None if args.dtype == "float32" else args.dtype, overwrite=args.force)
+    print(f"{out}: the official release layout (pytorch_model.bin, kl16.ckpt, {_describe(params)})", flush=True)
     return 0
 
 
@@ -86,6 +182,9 @@ def _train(args) -> int:
     from unipic_jax import distributed
     from unipic_jax.train import loop
 
+    from unipic_jax import compile_cache
+
+    compile_cache.enable()
     cluster = distributed.initialize(args.coordinator, args.process_id, args.num_processes)
     if cluster is None and args.mesh is None:
         result = loop.train_main(args.config, args.data, args.workdir, args.set, progress=not args.no_progress)
@@ -124,27 +223,53 @@ def _pipeline(args):
     return UniPicPipeline.from_pretrained(args.checkpoint, dtype=args.dtype, config=config, tokenizer=args.tokenizer)
 
 
+def _peek(args):
+    """The model config of `--checkpoint`, read without loading weights (for checks before work)."""
+    from unipic_jax.api import peek_config
+
+    return peek_config(args.checkpoint, _model_config(args.config) if args.config else None)
+
+
 def _sampling_settings(args) -> dict:
     return dict(size=args.size, steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                 temperature=args.temperature, progress=not args.no_progress)
 
 
-def _read_prompts(path: str) -> list[dict]:
-    """A .jsonl file, one {"prompt": TEXT, "seed": N (optional), "name": STEM (optional)} per line."""
+def _plain_name(name, where: str) -> str:
+    """A prompts-file "name": a plain file name, so that every output stays inside --out-dir."""
+    if (not isinstance(name, str) or not name.strip() or name != name.strip() or name.startswith(".")
+            or any(c in name for c in "/\\\0:") or len(name.encode()) > 200):
+        raise ValueError(f'{where}: "name" must be a plain file name (no folders, not hidden, not empty), '
+                         f"got {name!r}")
+    return name
+
+
+def _read_prompts(path: str, base_seed: int) -> list[dict]:
+    """A .jsonl file, one {"prompt": TEXT, "seed": N (optional), "name": STEM (optional)} per line
+    -> [{"prompt", "seed", "stem"}]; line i without a seed (or with null) gets `base_seed + i`."""
+    from unipic_jax.api import check_seed
+
     jobs = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{number}"
             try:
                 job = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from None
+                raise ValueError(f"{where}: not JSON ({e})") from None
             if not isinstance(job, dict) or not isinstance(job.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: want an object with a \"prompt\" string")
+                raise ValueError(f'{where}: want an object with a "prompt" string')
             if not job["prompt"].strip():
-                raise ValueError(f"{path}:{number}: empty prompt")
-            jobs.append(job)
+                raise ValueError(f"{where}: empty prompt")
+            seed = job.get("seed")
+            try:
+                seed = check_seed(base_seed + len(jobs) if seed is None else seed)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            name = _plain_name(job["name"], where) if "name" in job else f"{len(jobs):05d}"
+            jobs.append(dict(prompt=job["prompt"], seed=seed, stem=name))
     if not jobs:
         raise ValueError(f"{path}: no prompts")
     return jobs
@@ -154,62 +279,108 @@ def _numbered(path: Path, count: int) -> list[Path]:
     return [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def _generate(args) -> int:
+def _check_outputs(groups: list[list[Path]], overwrite: bool) -> None:
+    """Before any work: known image types, no two outputs on one name (case-insensitively, as some
+    file systems compare), and no existing file replaced unless --overwrite."""
     from unipic_jax import images
-    from unipic_jax.api import new_seed, save_images
 
-    images.check_size(args.size)
+    seen: dict[str, Path] = {}
+    for path in (p for group in groups for p in group):
+        images.output_format(path)
+        key = os.path.normcase(os.path.abspath(path)).lower()
+        if key in seen:
+            raise ValueError(f"{path}: two outputs would share this file name ({seen[key].name}); give each prompt "
+                             f"its own name")
+        seen[key] = path
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, not an image file name")
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"{path}: {parent} is a file, not a folder")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path}: already exists (pass --overwrite to replace it)")
+
+
+def _save(image, path: Path, overwrite: bool) -> Path:
+    """Save `image` at `path`; if another process made `path` while this one sampled, keep both:
+    write `STEM.N.EXT` (the first free N) and say so."""
+    from unipic_jax import images
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path
+    for n in range(1, 10_000):
+        try:
+            written = images.save_image(image, target, image.info, overwrite=overwrite)
+        except FileExistsError:
+            target = path.with_name(f"{path.stem}.{n}{path.suffix}")
+            continue
+        if written != path:
+            print(f"note: {path} appeared while sampling; wrote {written} instead", file=sys.stderr, flush=True)
+        return written
+    raise ValueError(f"{path}: no free file name left beside it")
+
+
+def _generate(args) -> int:
+    from unipic_jax.api import check_sampling, check_seed, new_seed
+
+    base = new_seed() if args.seed is None else check_seed(args.seed)
     if args.prompts:
-        jobs = _read_prompts(args.prompts)
+        jobs = _read_prompts(args.prompts, base)
         out_dir = Path(args.out_dir or ".")
-        base = new_seed() if args.seed is None else args.seed
-        jobs = [dict(prompt=j["prompt"], seed=int(j.get("seed", base + i)), stem=str(j.get("name", f"{i:05d}")))
-                for i, j in enumerate(jobs)]
-        targets = [_numbered(out_dir / f"{j['stem']}.png", args.batch) for j in jobs]
+        targets = [_numbered(out_dir / f"{j['stem']}.{args.format}", args.batch) for j in jobs]
     else:
+        if args.out_dir:
+            raise ValueError("--out-dir goes with --prompts; with --prompt name the file with --out")
         if not args.prompt.strip():
             raise ValueError("empty prompt: give some text")
-        jobs = [dict(prompt=args.prompt, seed=new_seed() if args.seed is None else args.seed)]
+        jobs = [dict(prompt=args.prompt, seed=base)]
         targets = [_numbered(Path(args.out), args.batch)]
+    _check_outputs(targets, args.overwrite)
+    check_sampling(_peek(args), size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                   batch=args.batch)
     pipe = _pipeline(args)
     settings = _sampling_settings(args)
     for job in jobs:  # every prompt is tokenised and checked before the first image is made
         pipe.check_prompt(job["prompt"], size=args.size)
     for job, paths in zip(jobs, targets):
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for path in save_images(pipe.generate(job["prompt"], seed=job["seed"], batch=args.batch, **settings), paths):
-            print(f"{path}  (seed {job['seed']})", flush=True)
+        for image, path in zip(pipe.generate(job["prompt"], seed=job["seed"], batch=args.batch, **settings), paths):
+            print(f"{_save(image, path, args.overwrite)}  (seed {job['seed']})", flush=True)
     return 0
 
 
 def _edit(args) -> int:
     from unipic_jax import images
-    from unipic_jax.api import save_images
+    from unipic_jax.api import check_sampling, check_seed
 
-    images.check_size(args.size)
+    seed = None if args.seed is None else check_seed(args.seed)
     if not args.prompt.strip():
         raise ValueError("empty prompt: give some text")
+    out = Path(args.out)
+    _check_outputs([[out]], args.overwrite)
+    check_sampling(_peek(args), size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature)
     source = images.load_image(args.image)
     pipe = _pipeline(args)
-    edited = pipe.edit(source, args.prompt, seed=args.seed, **_sampling_settings(args))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    path, = save_images([edited], [args.out])
-    print(f"{path}  (seed {edited.info['seed']})", flush=True)
+    edited = pipe.edit(source, args.prompt, seed=seed, **_sampling_settings(args))
+    print(f"{_save(edited, out, args.overwrite)}  (seed {edited.info['seed']})", flush=True)
     return 0
 
 
 def _caption(args) -> int:
     from unipic_jax import images
+    from unipic_jax.api import check_caption, check_seed
 
-    if args.size is not None:
-        images.check_size(args.size)
+    seed = None if args.seed is None else check_seed(args.seed)
     if not args.prompt.strip():
         raise ValueError("empty prompt: give some text")
+    check_caption(_peek(args), size=args.size, path=args.path, max_new_tokens=args.max_new_tokens,
+                  sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     source = images.load_image(args.image)
     pipe = _pipeline(args)
     print(pipe.caption(source, args.prompt, size=args.size, max_new_tokens=args.max_new_tokens, path=args.path,
                        sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed), flush=True)
+                       seed=seed), flush=True)
     return 0
 
 
@@ -218,18 +389,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     par = sub.add_parser("parity", help="replay the official PyTorch fixtures and compare outputs")
-    par.add_argument("fixture_root", help="folder laid out like shared/fixtures (vae/, mar/, ...)")
+    par.add_argument("fixture_root", help="folder laid out like tests/fixtures (vae/, mar/, ...)")
     par.add_argument("--only", help="comma-separated components: vae,mar,qwen2,siglip,unipic")
     par.set_defaults(func=_parity)
 
-    conv = sub.add_parser("convert", help="convert the official release into an orbax checkpoint")
-    conv.add_argument("src", help="release folder (pytorch_model.bin, kl16.ckpt, Qwen2.5-1.5B-Instruct/) "
-                                  "or a Hugging Face Hub id (downloads; online only)")
+    conv = sub.add_parser("convert", help="make a checkpoint from the official release, a training workdir or a "
+                                          "fixture folder")
+    conv.add_argument("src", help="release folder (pytorch_model.bin, kl16.ckpt, Qwen2.5-1.5B-Instruct/), a "
+                                  "Hugging Face Hub id (downloads; online only), a `unipic-jax train` workdir or a "
+                                  "fixture folder (meta.json, weights.safetensors)")
     conv.add_argument("dst", help="checkpoint directory to create")
-    conv.add_argument("--config", default="unipic_1p5b",
-                      help="model sizes: 'unipic_1p5b' (default) or a fixture folder holding meta.json")
-    conv.add_argument("--force", action="store_true", help="replace an existing checkpoint at DST")
+    conv.add_argument("--config", help="model sizes of a release: 'unipic_1p5b' (default), 'tiny' or a fixture "
+                                       "folder holding meta.json (the LLM's sizes come from the release's own "
+                                       "config.json)")
+    conv.add_argument("--weights", default="ema", choices=("ema", "params"),
+                      help="from a training workdir: the EMA (default) or the raw params")
+    conv.add_argument("--force", action="store_true",
+                      help="replace an existing checkpoint at DST (never any other folder)")
     conv.set_defaults(func=_convert)
+
+    ini = sub.add_parser("init", help="a random-weight checkpoint (tiny: a try-out model that runs every command)")
+    ini.add_argument("dst", help="checkpoint directory to create")
+    ini.add_argument("--config", default="tiny", help="model sizes: 'tiny' (default), 'unipic_1p5b' or a fixture "
+                                                      "folder holding meta.json")
+    ini.add_argument("--seed", type=int, default=0, help="init seed (default 0)")
+    ini.add_argument("--tokenizer", help="tokenizer folder (default: a byte-level stand-in, tiny models only)")
+    ini.add_argument("--force", action="store_true", help="replace an existing checkpoint at DST")
+    ini.set_defaults(func=_init)
+
+    exp = sub.add_parser("export", help="write a checkpoint or training workdir in the official release layout "
+                                        "(pytorch_model.bin, kl16.ckpt, Qwen2.5-1.5B-Instruct/) for PyTorch")
+    exp.add_argument("src", help="a checkpoint directory or a `unipic-jax train` workdir")
+    exp.add_argument("dst", help="release folder to create")
+    exp.add_argument("--weights", default="ema", choices=("ema", "params"),
+                     help="from a training workdir: the EMA (default) or the raw params")
+    exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
+    exp.add_argument("--force", action="store_true", help="replace an earlier export at DST (never any other folder)")
+    exp.set_defaults(func=_export)
 
     pl = sub.add_parser("plan", help="per-device bytes of params (and training state) on a mesh, from shapes only")
     pl.add_argument("--mesh", required=True, help="mesh sizes, e.g. data=1,fsdp=4,tensor=2 (their product is "
@@ -286,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--checkpoint", required=True,
                         help="checkpoint made by `unipic-jax convert`, an official release folder (converted on "
                              "every run) or a Hugging Face Hub id (online only)")
-        sp.add_argument("--config", help="model sizes of a release folder: 'unipic_1p5b' (default) or a fixture folder")
+        sp.add_argument("--config", help="model sizes of a release folder: 'unipic_1p5b' (default), 'tiny' or a "
+                                         "fixture folder")
         sp.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint)")
         sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
         sp.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed and stored in the PNG)")
@@ -299,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--cfg-schedule", default="constant", choices=("constant", "linear"))
             sp.add_argument("--temperature", type=float, default=1.0, help="diffusion sampling temperature")
             sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+            sp.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     gen = sub.add_parser("generate", help="text to image: PNGs with the prompt, seed and settings in their metadata")
     model_args(gen, sizes=True)
@@ -307,15 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompts", metavar="FILE.jsonl",
                       help='one {"prompt": ..., "seed": N, "name": STEM} per line (seed and name optional)')
     gen.add_argument("--batch", type=int, default=1, help="images per prompt (files OUT-0.png, OUT-1.png, ...)")
-    gen.add_argument("--out", default="out.png", help="output PNG for --prompt (default out.png)")
+    gen.add_argument("--out", default="out.png", help="output image for --prompt: .png (default out.png), .jpg, "
+                                                      ".jpeg or .webp, settings in its metadata")
     gen.add_argument("--out-dir", help="output folder for --prompts (default: the current folder)")
+    gen.add_argument("--format", default="png", choices=("png", "jpg", "webp"), help="file type for --prompts")
     gen.set_defaults(func=_generate)
 
     ed = sub.add_parser("edit", help="edit an image as a prompt says")
     model_args(ed, sizes=True)
     ed.add_argument("--image", required=True, help="source image (centre-cropped to a square)")
     ed.add_argument("--prompt", required=True, help="the edit instruction")
-    ed.add_argument("--out", default="edited.png", help="output PNG (default edited.png)")
+    ed.add_argument("--out", default="edited.png", help="output image: .png (default edited.png), .jpg, .jpeg "
+                                                       "or .webp")
     ed.set_defaults(func=_edit)
 
     cap = sub.add_parser("caption", help="describe an image, or answer a question about it")
@@ -335,13 +536,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libtpu(command: str) -> bool:
+    """With libtpu installed (the `tpu` extra, for `compile`) on a host without TPU chips, JAX
+    tries the TPU backend on every start and prints libtpu's initialisation errors. For every
+    command but `compile` on such a host (and no CUDA plugin, no JAX_PLATFORMS set, JAX not yet
+    imported), run on the CPU backend alone. Returns whether it did."""
+    import glob
+    import importlib.util
+
+    if (command == "compile" or "jax" in sys.modules or os.environ.get("JAX_PLATFORMS")
+            or importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*")
+            or glob.glob("/dev/vfio/[0-9]*") or any(importlib.util.find_spec(f"jax_cuda{v}_plugin")
+                                                    for v in (12, 13))):
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libtpu(args.command)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:
-        print(f"unipic-jax: error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        print(f"unipic-jax: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("unipic-jax: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

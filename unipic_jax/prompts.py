@@ -123,10 +123,10 @@ class Tokenizer:
 
         try:
             hf = AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
-        except (OSError, ValueError) as e:
+            return cls(hf)
+        except Exception as e:  # tokenizers and transformers raise many kinds for damaged files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{folder}: cannot load the tokenizer ({first})") from None
-        return cls(hf)
+            raise ValueError(f"{folder}: cannot load the tokenizer ({first[:200]})") from None
 
     def __len__(self) -> int:
         return len(self.hf)

@@ -84,12 +84,27 @@ class UniPicConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "UniPicConfig":
-        """From the ConfigDict of configs/unipic_1p5b.py (or configs/fixture.py for unipic/)."""
-        return cls(
-            vae=VAEConfig(**cfg.vae), vae_scale=float(cfg.vae_scale), mar=MARConfig(**cfg.mar),
-            diffusion=DiffusionConfig(**cfg.diffusion), qwen2=Qwen2Config(**cfg.qwen2),
-            siglip=SiglipConfig(**cfg.siglip), projectors=ProjectorsConfig(**cfg.projectors),
-            tokens=TokensConfig(**cfg.tokens))
+        """From the ConfigDict of configs/unipic_1p5b.py (or configs/fixture.py for unipic/).
+        A missing section or field, or one the model does not know, is a one-line ValueError."""
+        sections = dict(vae=VAEConfig, mar=MARConfig, diffusion=DiffusionConfig, qwen2=Qwen2Config,
+                        siglip=SiglipConfig, projectors=ProjectorsConfig, tokens=TokensConfig)
+        built = {}
+        for name, kind in sections.items():
+            if name not in cfg:
+                raise ValueError(f"model config: the {name!r} section is missing")
+            fields = {f.name: f for f in dataclasses.fields(kind)}
+            given = dict(cfg[name])
+            missing = sorted(n for n, f in fields.items() if n not in given and f.default is dataclasses.MISSING
+                             and f.default_factory is dataclasses.MISSING)
+            unknown = sorted(given.keys() - fields.keys())
+            if missing or unknown:
+                raise ValueError(f"model config section {name!r}: " + "; ".join(
+                    ([f"missing {', '.join(missing)}"] if missing else []) +
+                    ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+            built[name] = kind(**given)
+        if "vae_scale" not in cfg:
+            raise ValueError("model config: 'vae_scale' is missing")
+        return cls(vae_scale=float(cfg.vae_scale), **built)
 
     @property
     def buffer_size(self) -> int:

@@ -1,6 +1,6 @@
 """Cross-framework parity: replay the official PyTorch fixtures and compare, one row per output.
 
-A fixture root is laid out like `shared/fixtures`: subfolders vae/, mar/, qwen2/, siglip/, unipic/,
+A fixture root is laid out like `tests/fixtures`: subfolders vae/, mar/, qwen2/, siglip/, unipic/,
 each with a meta.json (sizes, cases, recorded random draws) and safetensors files. Each component
 has a module here exposing `rows(fx: Fixture) -> Iterator[Row]`; it loads the weights through
 `convert/`, feeds the stored inputs and draws, and yields one `Row` per compared output.
@@ -149,8 +149,11 @@ def run(root: str | Path, only: Iterable[str] | None = None,
                     raise
                 emit(Skipped(name, "not yet supported"))
                 continue
-            for row in module.rows(Fixture(folder)):
-                emit(row)
+            try:
+                for row in module.rows(Fixture(folder)):
+                    emit(row)
+            except (KeyError, IndexError, TypeError) as e:  # a meta.json or file lacking what it must hold
+                raise ValueError(f"{folder}: malformed fixture ({type(e).__name__}: {e})") from None
     return results
 
 
