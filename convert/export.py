@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import ml_dtypes
@@ -34,7 +34,7 @@ import numpy as np
 
 from convert.core import TRANSFORMS, ConversionError, flatten
 from convert.hf import SAFETENSORS, save_hf_folder
-from convert.io import replaced_directory, write_file
+from convert.io import replaced_directory, save_state_dict
 from convert.qwen2 import qwen2_keymap
 from convert.unipic import RELEASE_BIN, RELEASE_LLM_FOLDER, RELEASE_SIGLIP_FOLDER, RELEASE_VAE, unipic_keymap
 from unipic_jax.models.unipic import UniPicConfig, param_shapes
@@ -166,22 +166,6 @@ def _cast(tensors: Mapping[str, np.ndarray], dtype: np.dtype | None) -> dict[str
     return out
 
 
-def _save_torch(tensors: Mapping[str, np.ndarray], path: Path, wrap: str | None = None) -> None:
-    """A torch pickle of `tensors` (inside {wrap: ...} if given); one numpy object, one storage."""
-    import torch
-
-    made: dict[int, Any] = {}
-
-    def to_torch(a: np.ndarray):
-        if id(a) not in made:
-            made[id(a)] = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-                           if a.dtype == ml_dtypes.bfloat16 else torch.from_numpy(a))
-        return made[id(a)]
-
-    state_dict = {k: to_torch(v) for k, v in tensors.items()}
-    write_file(path, lambda f: torch.save({wrap: state_dict} if wrap else state_dict, f))
-
-
 def qwen2_hf_config(config: UniPicConfig, torch_dtype: str, base: Mapping | None = None) -> dict:
     """transformers' Qwen2 config.json for `config.qwen2`. Fields of `base` (e.g. the original
     Qwen2.5 config.json) are kept unless derived here; a `base` disagreeing on a size is an error."""
@@ -266,8 +250,8 @@ def export_release(params: Mapping, config: UniPicConfig, dst: str | os.PathLike
     torch_dtype = (target or np.dtype(files[LLM_WEIGHTS]["model.embed_tokens.weight"].dtype)).name
     llm_config = qwen2_hf_config(config, torch_dtype, llm_config_json)
     with replaced_directory(dest) as tmp:
-        _save_torch(_cast(files[RELEASE_BIN], target), tmp / RELEASE_BIN)
-        _save_torch(_cast(files[RELEASE_VAE], target), tmp / RELEASE_VAE, wrap="model")
+        save_state_dict(_cast(files[RELEASE_BIN], target), tmp / RELEASE_BIN)
+        save_state_dict(_cast(files[RELEASE_VAE], target), tmp / RELEASE_VAE, wrap="model")
         save_hf_folder(tmp / RELEASE_LLM_FOLDER, llm_config, _cast(files[LLM_WEIGHTS], target))
         for f in tokenizer_files:
             shutil.copy2(f, tmp / RELEASE_LLM_FOLDER / f.name)

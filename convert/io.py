@@ -123,28 +123,35 @@ def _write_safetensors(tensors: Mapping[str, np.ndarray], f) -> None:
         f.write(a.tobytes())
 
 
-def _write_torch(tensors: Mapping[str, np.ndarray], f) -> None:
+def _write_torch(tensors: Mapping[str, np.ndarray], f, wrap: str | None = None) -> None:
+    """A torch pickle of `tensors` (inside `{wrap: ...}` when given). Keys holding the same numpy
+    object (a tied weight and its alias) share one storage, as torch's own state dicts do."""
     import torch
 
+    made: dict[int, torch.Tensor] = {}
+
     def to_torch(a):
-        a = np.ascontiguousarray(a)
-        if a.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a)
+        if id(a) not in made:
+            c = np.ascontiguousarray(a)
+            made[id(a)] = (torch.from_numpy(c.view(np.int16)).view(torch.bfloat16) if c.dtype == ml_dtypes.bfloat16
+                           else torch.from_numpy(c))
+        return made[id(a)]
 
-    torch.save({k: to_torch(v) for k, v in tensors.items()}, f)
+    state_dict = {k: to_torch(v) for k, v in tensors.items()}
+    torch.save({wrap: state_dict} if wrap else state_dict, f)
 
 
-def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *, overwrite: bool = True) -> None:
-    """Write a state dict atomically; the suffix picks safetensors or a torch pickle."""
+def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, *, overwrite: bool = True,
+                    wrap: str | None = None) -> None:
+    """Write a state dict atomically; the suffix picks safetensors or a torch pickle (`wrap`, for
+    torch pickles only, nests it as `{wrap: state_dict}`, the layout of kl16.ckpt)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        writer = _write_safetensors
+    if path.suffix == ".safetensors" and wrap is None:
+        write_file(path, lambda f: _write_safetensors(tensors, f), overwrite=overwrite)
     elif path.suffix in TORCH_SUFFIXES:
-        writer = _write_torch
+        write_file(path, lambda f: _write_torch(tensors, f, wrap), overwrite=overwrite)
     else:
-        raise ValueError(f"{path}: unknown checkpoint suffix")
-    write_file(path, lambda f: writer(tensors, f), overwrite=overwrite)
+        raise ValueError(f"{path}: unknown checkpoint suffix" + (" for a wrapped state dict" if wrap else ""))
 
 
 def _pid_alive(pid: int) -> bool:

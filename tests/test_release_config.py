@@ -6,7 +6,6 @@ two Hugging Face subfolders with config.json files as transformers writes them (
 SigLIP `vision_config` without its default fields, the Qwen2 one with `num_key_value_heads`).
 """
 
-import json
 
 import numpy as np
 import pytest
