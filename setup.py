@@ -20,6 +20,8 @@ setup(
         "transformers==5.23.0",
         "grain==0.2.18",
         "tensorflow-datasets==4.9.10",
+        # tensorflow-datasets imports it on every Python, but declares it only for Python < 3.9.
+        "importlib-resources==7.1.0",
         "tensorboardX==2.6.5",
         "tqdm",
         "pillow",

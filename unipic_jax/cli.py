@@ -129,18 +129,17 @@ def _convert(args) -> int:
 def _init(args) -> int:
     import tempfile
 
-    import jax
-
     from unipic_jax import checkpoint
     from unipic_jax.api import check_seed
-    from unipic_jax.models.unipic import UniPicConfig, init_params
+    from unipic_jax.models.unipic import UniPicConfig
+    from unipic_jax.train.loop import init_train_params
 
     config = _model_config(args.config)
     seed = check_seed(args.seed)
     dst = checkpoint.check_destination(args.dst, overwrite=args.force)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = Path(args.tokenizer) if args.tokenizer else _stand_in_tokenizer(config, Path(scratch) / "tok")
-        params = init_params(UniPicConfig.from_config(config), jax.random.key(seed))
+        params = init_train_params(UniPicConfig.from_config(config), seed)  # what training from scratch uses
         checkpoint.save(dst, params, config, tokenizer_dir=tokenizer, overwrite=args.force)
     print(f"{dst}: a random-weight {args.config} checkpoint, {_describe(params)} (seed {seed}); its "
           f"pictures are noise, but every command runs on it", flush=True)
@@ -182,9 +181,6 @@ def _train(args) -> int:
     from unipic_jax import distributed
     from unipic_jax.train import loop
 
-    from unipic_jax import compile_cache
-
-    compile_cache.enable()
     cluster = distributed.initialize(args.coordinator, args.process_id, args.num_processes)
     if cluster is None and args.mesh is None:
         result = loop.train_main(args.config, args.data, args.workdir, args.set, progress=not args.no_progress)
@@ -557,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libtpu(args.command)
     try:
+        if args.command != "compile":  # TPU AOT compiles for other machines: nothing to reuse here
+            from unipic_jax import compile_cache
+
+            compile_cache.enable()
         return args.func(args)
     except (ValueError, OSError) as e:
         text = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held

@@ -102,17 +102,25 @@ def split_batch(batch: int, ratio: dict, loss_weights: dict) -> dict:
     return {t: sizes.get(t, 0) for t in ("t2i", "edit", "und")}
 
 
+def _number(key: str, text: str, kind):
+    """`kind(text)`, or a ValueError naming the config argument."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"config argument {key}={text!r}: want {'an int' if kind is int else 'a number'}") from None
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg: str, batch_ratio: dict) -> ml_collections.ConfigDict:
-    """Apply the `arg` shortcuts to a stage config."""
+    """Apply the `arg` shortcuts to a stage config (a bad number is a one-line ValueError naming it)."""
     for key, value in parse_arg(arg).items():
         if key == "steps":
-            c.total_steps = int(value)
+            c.total_steps = _number(key, value, int)
         elif key == "batch":
-            c.data.batch_size = split_batch(int(value), batch_ratio, c.loss_weights)
+            c.data.batch_size = split_batch(_number(key, value, int), batch_ratio, c.loss_weights)
         elif key == "lr":
-            c.optim.lr = float(value)
+            c.optim.lr = _number(key, value, float)
         elif key == "seed":
-            c.seed = int(value)
+            c.seed = _number(key, value, int)
         elif key in ("tokenizer", "init_from"):
             c[key] = value
         elif key == "dtype":

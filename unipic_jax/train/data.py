@@ -7,9 +7,11 @@ Three tasks, each with its own record schema (reference-spec §11.3):
   und   {"image", "question", "answer"}         image question answering (understanding)
 
 Sources: a JSONL file of such records (image fields are paths relative to the file's folder), a
-folder of image files with same-stem `.txt` captions (t2i), or a TFDS dataset read with
-`tfds.data_source` ("tfds:NAME:SPLIT", field names mapped by `fields`). Image fields may hold a
-path, encoded bytes or a uint8 HWC array.
+folder of image files with same-stem `.txt` captions (t2i), a TFDS dataset read with
+`tfds.data_source` ("tfds:NAME:SPLIT", field names mapped by `fields`; it must be prepared in the
+array_record format under `data.tfds_data_dir`, default `<workdir>/tfds`: nothing is downloaded),
+or "synthetic" (the coloured shapes of `write_synthetic`, written once into `<workdir>/data`).
+Image fields may hold a path, encoded bytes or a uint8 HWC array.
 
 Per task the pipeline is
 
@@ -45,6 +47,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -149,13 +153,19 @@ class CaptionFolderSource:
 
 
 class TfdsSource:
-    """A TFDS split read with `tfds.data_source` (ArrayRecord; decoding needs no TensorFlow)."""
+    """A TFDS split read with `tfds.data_source` (ArrayRecord; decoding needs no TensorFlow).
+
+    The dataset must already be prepared under `data_dir` (in the array_record format): training
+    never downloads. Anything else is a one-line `DataError` that says how to prepare it.
+    """
 
     def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None):
-        import tensorflow_datasets as tfds
-
         self.name, self.split = name, split
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+        builder = tfds_builder(name, data_dir)
+        try:
+            self.source = builder.as_data_source(split=split)
+        except Exception as e:  # an unknown split, a TFRecord-only preparation, ...
+            raise DataError(f"tfds:{name}:{split} under {data_dir}: {_first_line(e)}") from None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -171,8 +181,37 @@ class TfdsSource:
         return f"TfdsSource({self.name}, {self.split})"
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def tfds_builder(name: str, data_dir: Optional[str]):
+    """The TFDS builder of `name` ("NAME[/CONFIG][:VERSION]") prepared under `data_dir`; a
+    `DataError` (one line, with the command that prepares it) when there is none. Never downloads."""
+    if not data_dir:
+        raise DataError(f"tfds:{name}: no TFDS data folder; set one with --set data.tfds_data_dir=DIR")
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError lists every registered name: keep the first line
+        raise DataError(f"tfds:{name}: {_first_line(e)}") from None
+    if not builder.is_prepared():
+        raise DataError(
+            f"tfds:{name} is not prepared under {data_dir} (training never downloads); prepare it first: "
+            f"tfds.builder({name!r}, data_dir={str(data_dir)!r}, file_format='array_record').download_and_prepare() "
+            f"in Python, or `tfds build {name} --data_dir={data_dir} --file_format=array_record`")
+    return builder
+
+
+def tfds_data_dir(config, workdir: str | os.PathLike) -> str:
+    """Where TFDS sources are read from: `data.tfds_data_dir`, else `<workdir>/tfds`."""
+    return str(config.data.get("tfds_data_dir") or Path(workdir) / "tfds")
+
+
 def open_source(spec: str, data_dir: Optional[str] = None):
-    """A source from a spec: "tfds:NAME[:SPLIT]", a .jsonl file, or a folder of captioned images."""
+    """A source from a spec: "tfds:NAME[:SPLIT]" (prepared under `data_dir`), a .jsonl file, or a
+    folder of captioned images."""
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition(":")
         return TfdsSource(name, split or "train", data_dir)
@@ -184,14 +223,23 @@ def open_source(spec: str, data_dir: Optional[str] = None):
     raise DataError(f"data source {spec!r}: want tfds:NAME[:SPLIT], a .jsonl file or an image folder")
 
 
+SYNTHETIC = "synthetic"  # `--data synthetic`: the coloured-shapes data, written into <workdir>/data
+
+
 def parse_data_spec(spec: str) -> dict[str, str]:
-    """`--data`: a folder holding t2i.jsonl / edit.jsonl / und.jsonl (any of them), or
-    "task=source,task=source" with sources as `open_source` takes them."""
+    """`--data`: "synthetic" (generated coloured shapes, see `resolve_sources`), a folder holding
+    t2i.jsonl / edit.jsonl / und.jsonl (any of them), or "task=source,task=source" with sources
+    as `open_source` takes them (or "synthetic")."""
+    if spec == SYNTHETIC:
+        return {t: SYNTHETIC for t in TASKS}
     if "=" not in spec:
         folder = Path(spec)
+        hint = f"(or give task=source pairs; for a try-out on generated data use `--data {SYNTHETIC}`)"
+        if not folder.is_dir():
+            raise DataError(f"--data {spec}: no such folder {hint}")
         found = {t: str(folder / f"{t}.jsonl") for t in TASKS if (folder / f"{t}.jsonl").is_file()}
         if not found:
-            raise DataError(f"{folder}: no t2i.jsonl, edit.jsonl or und.jsonl (or give task=source pairs)")
+            raise DataError(f"--data {spec}: the folder holds no t2i.jsonl, edit.jsonl or und.jsonl {hint}")
         return found
     out = {}
     for part in spec.split(","):
@@ -200,6 +248,51 @@ def parse_data_spec(spec: str) -> dict[str, str]:
             raise DataError(f"--data entry {part!r}: want task=source with task in {TASKS}")
         out[task] = source
     return out
+
+
+def ensure_synthetic(folder: str | os.PathLike, size: int) -> Path:
+    """`write_synthetic(folder, size)` unless `folder` already holds it (a resumed run reuses it).
+
+    Written to a temporary sibling and renamed into place, so a kill never leaves half a dataset
+    and processes sharing the folder all end up reading the same files.
+    """
+    folder = Path(folder)
+    if all((folder / f"{t}.jsonl").is_file() for t in TASKS):
+        return folder
+    if folder.exists() and any(folder.iterdir()):
+        raise DataError(f"{folder} exists but holds no synthetic dataset; remove it or use another --workdir")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    write_synthetic(tmp, size=size)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process renamed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "t2i.jsonl").is_file():
+            raise
+    log.info("synthetic data (%d px) in %s", size, folder)
+    return folder
+
+
+def resolve_sources(sources: Mapping[str, Any], workdir: str | os.PathLike, config) -> dict[str, Any]:
+    """`sources` with every "synthetic" spec replaced by the task's JSONL in `<workdir>/data`
+    (written at the stage's `gen_resolution` the first time)."""
+    if SYNTHETIC not in [s for s in sources.values() if isinstance(s, str)]:
+        return dict(sources)
+    folder = ensure_synthetic(Path(workdir) / "data", config.data.gen_resolution)
+    return {t: str(folder / f"{t}.jsonl") if s == SYNTHETIC else s for t, s in sources.items()}
+
+
+def check_sources(sources: Mapping[str, Any], data_dir: Optional[str]) -> None:
+    """Cheap checks before a model is built: every file or folder named exists, and every TFDS
+    dataset is prepared under `data_dir` (one-line `DataError` otherwise)."""
+    for task, spec in sources.items():
+        if not isinstance(spec, str) or spec == SYNTHETIC:
+            continue
+        if spec.startswith("tfds:"):
+            tfds_builder(spec[len("tfds:"):].partition(":")[0], data_dir)
+        elif not Path(spec).exists():
+            raise DataError(f"--data {task}={spec}: no such file or folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,8 +570,13 @@ def active_tasks(config) -> list[str]:
 
 
 def make_dataset(config, tokenizer: prompts.Tokenizer, sources: Mapping[str, Any], *,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The mixed per-step stream of a stage config. `sources[task]`: a spec string or a source."""
+                 process_index: int = 0, process_count: int = 1,
+                 tfds_data_dir: Optional[str] = None) -> grain.IterDataset:
+    """The mixed per-step stream of a stage config. `sources[task]`: a spec string or a source.
+
+    TFDS specs are read from `data.tfds_data_dir`, else `tfds_data_dir` (the trainer passes
+    `<workdir>/tfds`).
+    """
     specs = task_specs(config, tokenizer)
     missing = [t for t in specs if t not in sources]
     if missing:
@@ -487,7 +585,7 @@ def make_dataset(config, tokenizer: prompts.Tokenizer, sources: Mapping[str, Any
     streams = {}
     for i, (task, spec) in enumerate(specs.items()):
         src = sources[task]
-        src = open_source(src, d.get("tfds_data_dir") or None) if isinstance(src, str) else src
+        src = open_source(src, d.get("tfds_data_dir") or tfds_data_dir) if isinstance(src, str) else src
         streams[task] = task_dataset(src, spec, tokenizer, d.batch_size[task], seed=d.seed + 1000 * i,
                                      process_index=process_index, process_count=process_count,
                                      num_threads=d.num_threads, workers=d.workers,

@@ -21,12 +21,17 @@ Saves are asynchronous (the arrays are copied to the host before `save` returns,
 safe), every `checkpoint.every` steps and at the end, keeping the last `checkpoint.keep`. A
 save interrupted half-way leaves only a temporary directory, which orbax ignores and removes;
 `run` resumes from the latest complete step, restoring the arrays straight into the target
-shardings (an abstract state from `jax.eval_shape`) and the data order exactly. The random key of
-step s is `fold_in(key(seed), s)`, so a resumed run draws what the uninterrupted one would have:
-on the CPU every later loss is bitwise the same.
+shardings (an abstract state from `jax.eval_shape`) and the data order exactly. A step whose
+restore fails (truncated array files, a half-deleted folder) is skipped with a warning for the
+next older one; once an older step restores, the damaged ones are moved to
+`checkpoints/damaged-<step>` (see `Trainer.resume`). The random key of step s is
+`fold_in(key(seed), s)`, so a resumed run draws what the uninterrupted one would have: on the CPU
+every later loss is bitwise the same.
 
 Metrics go to the console (a tqdm bar), to `<workdir>/metrics.jsonl` (one JSON object per logged
-step) and to TensorBoard event files in `<workdir>/tb/` (tensorboardX).
+step) and to TensorBoard event files in `<workdir>/tb/` (tensorboardX). A run resumed from step S
+first drops the lines of steps after S from metrics.jsonl (logged before the kill, logged again
+now) and hides TensorBoard's events after S (`purge_step`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -46,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from convert.io import write_file
 from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
 from unipic_jax.train import data as data_lib
 from unipic_jax.train import losses, optim
@@ -174,19 +181,43 @@ def peak_flops_per_device(override: float = 0.0) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of a metrics.jsonl file logged after `step` (and lines torn by a kill).
+
+    The file is rewritten atomically (a temporary file, then `os.replace`), only if it changes.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if keep == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Scalars to `<workdir>/metrics.jsonl` and to TensorBoard event files in `<workdir>/tb/`
-    (process 0 only)."""
+    (process 0 only). `start_step`: the step the run starts from; what an earlier run logged
+    after it is dropped (metrics.jsonl) or hidden (TensorBoard)."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: Path, enabled: bool = True, start_step: int = 0):
         from tensorboardX import SummaryWriter
 
         self.enabled = enabled and jax.process_index() == 0
         if not self.enabled:
             return
         workdir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(workdir / "metrics.jsonl", start_step)
         self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -316,6 +347,37 @@ class Trainer:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def resume(self, manager, iterator=None) -> tuple[Optional[TrainState], int]:
+        """(state, step) of the newest checkpoint that restores, or (None, 0) when there is none.
+
+        Damage is found by trying: a step whose restore raises (truncated array files, a missing
+        item, bad JSON) is logged and the next older step is tried. Once one restores, the newer
+        damaged steps are moved to `checkpoints/damaged-<step>`: the manager would otherwise skip
+        every later save up to the damaged step (orbax saves only steps after its latest), and
+        moving keeps what may still be useful to the user, where deleting would not. When no
+        step restores (a changed model config looks the same), nothing is moved and a one-line
+        ValueError names the folder.
+        """
+        failed = []
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(manager, step, iterator)
+            except Exception as e:  # whatever the damage, try an older step
+                log.warning("checkpoint step %d in %s is damaged (%s: %s); trying an older step", step,
+                            manager.directory, type(e).__name__, _first_line(e))
+                failed.append((step, e))
+                continue
+            if failed:
+                _set_aside(Path(manager.directory), [s for s, _ in failed])
+                manager.reload()
+            return state, step
+        if failed:
+            step, e = failed[0]
+            raise ValueError(
+                f"{manager.directory}: no checkpoint restores (steps {', '.join(str(s) for s, _ in failed)}; "
+                f"step {step}: {type(e).__name__}: {_first_line(e)}); move that folder away to start over")
+        return None, 0
+
     def step(self, state: TrainState, batch, rng) -> tuple[TrainState, dict, float]:
         """One jitted step (compiled ahead of time per batch shape); returns its FLOPs too."""
         signature = tuple(sorted((t, k, np.shape(v)) for t, b in batch.items() for k, v in b.items()))
@@ -346,19 +408,26 @@ class Trainer:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         tokenizer = tokenizer or load_tokenizer(cfg, workdir)
+        sources = data_lib.resolve_sources(sources, workdir, cfg)
         dataset = data_lib.make_dataset(cfg, tokenizer, sources, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+                                        process_count=jax.process_count(),
+                                        tfds_data_dir=data_lib.tfds_data_dir(cfg, workdir))
         iterator = iter(dataset)
         manager = self.checkpoint_manager(workdir) if checkpoints else None
-        start = manager.latest_step() if manager else None
-        if start is None:
-            state, start = self.init_state(), 0
-            (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+        try:
+            state, start = self.resume(manager, iterator) if manager else (None, 0)
+        except BaseException:
+            iterator.close()
+            manager.close()
+            raise
+        if state is None:
+            state = self.init_state()
+            text = cfg.to_json_best_effort(indent=2).encode()  # atomically: `runs.is_run` reads it
+            write_file(workdir / "config.json", lambda f: f.write(text), overwrite=True)
         else:
-            state = self.restore(manager, start, iterator)
             log.info("resumed from step %d", start)
         end = cfg.total_steps if stop_at is None else min(stop_at, cfg.total_steps)
-        writer = MetricsWriter(workdir)
+        writer = MetricsWriter(workdir, start_step=start)
         key = jax.random.key(cfg.seed)
         # XLA's cost analysis of an SPMD program counts one device's share: per-device MFU.
         peak = peak_flops_per_device(cfg.get("peak_flops", 0.0))
@@ -411,6 +480,26 @@ class Trainer:
         return RunResult(state=state, start_step=start, history=history)
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _set_aside(directory: Path, steps: Sequence[int]) -> None:
+    """Move the folders of damaged checkpoint steps to `damaged-<step>[-n]` (process 0 renames,
+    the others wait for it)."""
+    if jax.process_index() == 0:
+        for step in steps:
+            target, n = directory / f"damaged-{step}", 1
+            while target.exists():
+                target, n = directory / f"damaged-{step}-{n}", n + 1
+            os.replace(directory / str(step), target)
+            log.warning("moved the damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("unipic_jax set aside damaged checkpoints")
+
+
 def _progress(start: int, end: int, enabled: bool):
     from tqdm import tqdm
 
@@ -461,33 +550,173 @@ def load_stage_config(spec: str):
     return module.get_config(arg)
 
 
-def apply_overrides(config, overrides: Iterable[str]):
-    """`key.sub=value` assignments (values parsed as Python literals, else kept as strings)."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _parse_value(text: str):
     import ast
 
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _as_type(key: str, text: str, old, value):
+    """`value` (parsed from `text`) as the type of the field's current value `old`, or a one-line
+    ValueError naming the key, the wanted type and the value."""
+    def wrong(want: str):
+        return ValueError(f"--set {key}={text}: {key} takes {want}, not {text!r}")
+
+    if old is None:  # an optional field (e.g. ema_decay=None): any literal
+        return value
+    if isinstance(old, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+        raise wrong("a bool (true or false)")
+    if isinstance(old, int):
+        if _is_int(value):
+            return value
+        raise wrong("an int")
+    if isinstance(old, float):  # None: off (ema_decay); validate() rejects it where it is not allowed
+        if _is_num(value) or value is None:
+            return value if value is None else float(value)
+        raise wrong("a finite float")
+    if isinstance(old, str):
+        return value if isinstance(value, str) else text
+    if isinstance(old, tuple):
+        if isinstance(value, str):  # a,b -> ("a", "b")
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if old and isinstance(old[0], str) and not all(isinstance(v, str) for v in items):
+            raise wrong("a tuple of strings, e.g. a,b")
+        if old and _is_int(old[0]) and not all(_is_int(v) for v in items):
+            raise wrong("a tuple of ints, e.g. (1, 2)")
+        return items
+    if hasattr(old, "keys"):  # a section (ConfigDict) or a dict field
+        if isinstance(value, dict):
+            return value
+        raise wrong("a dict, e.g. {'key': value}")
+    return value
+
+
+def apply_overrides(config, overrides: Iterable[str], *, check: bool = True):
+    """`key.sub=value` assignments, then `validate(config)` (unless `check` is False).
+
+    Values are parsed as Python literals (else kept as strings) and must fit the type of the
+    field they replace: an int for an int, a finite number (or None) for a float, true/false for
+    a bool, "a,b" or a literal tuple for a tuple. Every mistake is a one-line ValueError.
+    """
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"--set {item!r}: want key=value")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
         *parents, leaf = key.split(".")
         node = config
-        for part in parents:
+        for depth, part in enumerate(parents):
+            section = ".".join(parents[:depth + 1])
+            if part not in node:
+                raise ValueError(f"--set {key}: no config section {section!r}")
             node = node[part]
+            if not hasattr(node, "keys"):
+                raise ValueError(f"--set {key}: {section} is a value, not a config section")
         if leaf not in node:
             raise ValueError(f"--set {key}: no such config field")
-        node[leaf] = value
+        try:
+            node[leaf] = _as_type(key, text, node[leaf], _parse_value(text))
+        except TypeError as e:  # what ConfigDict itself refuses
+            raise ValueError(f"--set {item}: {e}") from None
+    if check:
+        validate(config)
     return config
+
+
+_CHECKS = [  # (key, test, what the value must be)
+    ("total_steps", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("log_every", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("seed", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("remat", lambda v: v in REMAT_MODES, f"one of {', '.join(REMAT_MODES)}"),
+    ("peak_flops", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("model.dtype", lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    ("checkpoint.every", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("checkpoint.keep", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("optim.lr", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    ("optim.schedule", lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    ("optim.warmup_ratio", lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("optim.warmup_start_factor", lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    ("optim.grad_clip", lambda v: _is_num(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    ("optim.b1", lambda v: _is_num(v) and 0 <= v < 1, "in [0, 1)"),
+    ("optim.b2", lambda v: _is_num(v) and 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    ("optim.ema_decay", lambda v: v is None or _is_num(v) and 0 <= v < 1, "None or in [0, 1)"),
+    ("data.gen_resolution", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("data.und_resolution", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("data.answer_slots", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("data.cfg_drop_prob", lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("data.edit_uncond_prob", lambda v: _is_num(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("data.edit_layout", lambda v: v in ("train", "inference"), "train or inference"),
+    ("data.seed", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("data.num_threads", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("data.workers", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("data.max_consecutive_corrupt", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+] + [check for t in data_lib.TASKS for check in (
+    (f"data.batch_size.{t}", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    (f"data.max_length.{t}", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    (f"loss_weights.{t}", lambda v: _is_num(v) and v >= 0, "a finite number >= 0"))]
+
+_MISSING = object()
+_OPTIONAL = ("remat", "peak_flops", "model.dtype", "optim.warmup_start_factor", "optim.ema_decay")  # read with .get
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def validate(config) -> None:
+    """Check a stage config's values (ranges, choices, at least one task to train, image sides
+    that fit the latent grid) before anything is built; one ValueError lists every problem."""
+    problems = []
+    for key, ok, want in _CHECKS:
+        value = _lookup(config, key)
+        if value is _MISSING:
+            if key not in _OPTIONAL:
+                problems.append(f"{key} is missing")
+        elif not ok(value):
+            problems.append(f"{key}={value!r} must be {want}")
+    if not problems:
+        if not data_lib.active_tasks(config):
+            problems.append("no task to train: every task has a batch size or loss weight of 0")
+        mar = config.model.mar
+        stride = mar.vae_stride * mar.patch_size
+        for key in ("data.gen_resolution", "data.und_resolution"):
+            if _lookup(config, key) % stride:
+                problems.append(f"{key}={_lookup(config, key)} must be a multiple of {stride} pixels")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
 
 
 def train_main(config_spec: str, data_spec: str, workdir: str, overrides: Sequence[str] = (),
                progress: bool = True) -> RunResult:
-    """What `unipic-jax train` runs: load the stage config, apply `--set`s, train in `workdir`."""
-    config = apply_overrides(load_stage_config(config_spec), overrides)
+    """What `unipic-jax train` runs: load the stage config, apply and check the `--set`s, check
+    the data spec, then build the trainer and train in `workdir` (every config or data mistake is
+    a one-line ValueError before anything is built or compiled)."""
+    config = apply_overrides(load_stage_config(config_spec), overrides, check=False)
+    validate(config)
     sources = data_lib.parse_data_spec(data_spec)
+    data_lib.check_sources(sources, data_lib.tfds_data_dir(config, workdir))
     trainer = Trainer(config)
     log.info("training %s: %d of %d params trainable", config.stage,
              optim.count_params(trainer.initial_params, trainer.trainable),
