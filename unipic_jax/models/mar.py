@@ -17,7 +17,7 @@ first); at another latent grid their image rows are resized bilinearly as `F.int
 mode="bilinear", align_corners=False)` does, without antialiasing (the 1024-px path of a 512-px
 MAR). Param names follow the PyTorch state dict (`encoder_blocks.3.attn.qkv` is
 `encoder_blocks_3/attn/qkv`). LayerNorm statistics and the softmax run in float32 whatever the
-compute `dtype`; params are float32.
+compute `dtype`; params are float32. In bf16 every op rounds as the reference's does (layers.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unipic_jax.models.layers import Dense, einsum
+from unipic_jax.models.layers import Dense, LayerNorm, add, gelu, round_to, scaled_dot_product_attention
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -81,18 +81,19 @@ class MARConfig:
         return self.grid[0] * self.grid[1]
 
 
-def _layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+def _layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None) -> LayerNorm:
     """PyTorch LayerNorm: two-pass (biased) variance, float32 statistics."""
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+    return LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def _dense(features: int, dtype: Dtype, name: Optional[str] = None) -> nn.Dense:
+def _dense(features: int, dtype: Dtype, name: Optional[str] = None) -> Dense:
     """nn.Linear with bias; xavier-uniform/zero init as the reference's `initialize_weights`."""
     return Dense(features, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
 
 
 class Attention(nn.Module):
-    """timm Attention: fused qkv (rows [q | k | v], heads contiguous in each), no mask."""
+    """timm Attention: fused qkv (rows [q | k | v], heads contiguous in each), no mask; the core is
+    `F.scaled_dot_product_attention` (`layers.scaled_dot_product_attention`)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -113,12 +114,9 @@ class Attention(nn.Module):
         if query_bq is not None:
             q_bnlh = jnp.take_along_axis(q_bnlh, query_bq[:, None, :, None], axis=2)
             l = query_bq.shape[1]
-        logits_bnqk = einsum("bnqh,bnkh->bnqk", q_bnlh * head_dim ** -0.5, k_bnlh).astype(jnp.float32)
-        if key_mask_bl is not None:
-            logits_bnqk = jnp.where(key_mask_bl[:, None, None, :], logits_bnqk, jnp.finfo(jnp.float32).min)
-        weights_bnqk = jax.nn.softmax(logits_bnqk, axis=-1).astype(self.dtype)
-        weights_bnqk = nn.Dropout(self.attn_dropout)(weights_bnqk, deterministic)
-        out_bqnh = jnp.swapaxes(einsum("bnqk,bnkh->bnqh", weights_bnqk, v_bnlh), 1, 2)
+        dropout = lambda w: nn.Dropout(self.attn_dropout)(w, deterministic)
+        out_bnqh = scaled_dot_product_attention(q_bnlh, k_bnlh, v_bnlh, key_mask_bl, dropout)
+        out_bqnh = jnp.swapaxes(out_bnqh, 1, 2)
         out_bld = _dense(d, self.dtype, "proj")(out_bqnh.reshape(b, l, d))
         return nn.Dropout(self.proj_dropout)(out_bld, deterministic)
 
@@ -132,7 +130,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x_bld, deterministic: bool = True):
-        h = nn.gelu(_dense(self.hidden, self.dtype, "fc1")(x_bld), approximate=False)
+        h = gelu(_dense(self.hidden, self.dtype, "fc1")(x_bld), approximate=False)
         h = nn.Dropout(self.dropout)(h, deterministic)
         return nn.Dropout(self.dropout)(_dense(x_bld.shape[-1], self.dtype, "fc2")(h), deterministic)
 
@@ -156,10 +154,10 @@ class Block(nn.Module):
         h_bld = _layer_norm(self.ln_eps, self.dtype, "norm1")(x_bld)
         if query_bq is not None:
             x_bld = jnp.take_along_axis(x_bld, query_bq[:, :, None], axis=1)
-        x_bld = x_bld + Attention(self.num_heads, self.dtype, self.attn_dropout, self.proj_dropout, name="attn")(
-            h_bld, key_mask_bl, deterministic, query_bq)
-        x_bld = x_bld + Mlp(self.mlp_ratio * d, self.dtype, self.proj_dropout, name="mlp")(
-            _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld), deterministic)
+        x_bld = add(x_bld, Attention(self.num_heads, self.dtype, self.attn_dropout, self.proj_dropout, name="attn")(
+            h_bld, key_mask_bl, deterministic, query_bq))
+        x_bld = add(x_bld, Mlp(self.mlp_ratio * d, self.dtype, self.proj_dropout, name="mlp")(
+            _layer_norm(self.ln_eps, self.dtype, "norm2")(x_bld), deterministic))
         return x_bld
 
 
@@ -206,7 +204,7 @@ def resize_pos_embed(table_1ld, src_hw: Grid, dst_hw: Grid):
     resized_hwd = jnp.einsum("ya,xb,abd->yxd", _bilinear_weights(src_h, dst_h),
                              _bilinear_weights(src_w, dst_w), image_hwd,
                              precision=jax.lax.Precision.HIGHEST)
-    resized_1ld = resized_hwd.reshape(1, dst_h * dst_w, d).astype(table_1ld.dtype)
+    resized_1ld = round_to(resized_hwd.reshape(1, dst_h * dst_w, d), table_1ld.dtype)
     return jnp.concatenate([table_1ld[:, :num_buffer], resized_1ld], axis=1)
 
 
@@ -267,32 +265,37 @@ class MAR(nn.Module):
         return jnp.concatenate([buffer_bk, buffer + visible_bv.astype(jnp.int32)], axis=1)
 
     def encode(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None, *,
-               deterministic: bool = True):
+               deterministic: bool = True, from_vae: bool = False):
         """Tokens (b, h*w, token_dim) and mask (b, h*w) -> (b, buffer + num_visible, encoder_dim).
 
         `num_visible` (a Python int) is the number of zeros in every mask row; `image_shape` is the
         latent grid (h, w), None for the native one. Output order: buffer tokens, then the visible
         tokens in raster order. `deterministic=False` turns the blocks' dropout on (training).
+        `from_vae`: the tokens come straight from the VAE (see `encode_at`).
         """
         return self.encode_at(x_blc, visible_positions(mask_bl, num_visible), image_shape,
-                              deterministic=deterministic)
+                              deterministic=deterministic, from_vae=from_vae)
 
     def encode_at(self, x_blc, visible_bv, image_shape: Optional[Grid] = None, *, padded: bool = False,
-                  deterministic: bool = True):
+                  deterministic: bool = True, from_vae: bool = False):
         """`encode` given the kept raster positions `visible_bv` (b, V), ascending, instead of a mask.
 
         With `padded`, entries >= h*w mark padding slots (after the real ones): they hold a copy of
         a real token, are hidden from attention as keys and their outputs are to be discarded, so
         every V up to the slot count shares one compilation.
+
+        `from_vae`: the tokens are UniPic `encode`'s output, which the reference holds as a
+        permuted (non-contiguous) view; torch's bf16 z_proj then rounds the product before adding
+        the bias (`layers.linear(fused=False)`). The sampler's token buffer is contiguous.
         """
         c = self.config
         b, image_len, _ = x_blc.shape
         grid = self._grid(image_shape, image_len)
-        x_bld = self.z_proj(x_blc)
+        x_bld = self.z_proj(x_blc, fused=not from_vae)
         buffer_bld = jnp.broadcast_to(self.fake_latent.astype(x_bld.dtype)[None],
                                       (b, c.buffer_size, c.encoder_dim))
         x_bld = jnp.concatenate([buffer_bld, x_bld], axis=1)
-        x_bld = x_bld + self._pos_embed(self.encoder_pos_embed_learned, grid)
+        x_bld = add(x_bld, self._pos_embed(self.encoder_pos_embed_learned, grid))
         x_bld = self.z_proj_ln(x_bld)
         kept_bk = self._kept_positions(jnp.minimum(visible_bv, image_len - 1) if padded else visible_bv)
         x_bkd = jnp.take_along_axis(x_bld, kept_bk[:, :, None], axis=1)
@@ -337,16 +340,16 @@ class MAR(nn.Module):
             canvas_bsd = self.decoder_embed(x_con_bsd)
         kept_bk = self._kept_positions(visible_bv)
         x_bsd = canvas_bsd.at[jnp.arange(b)[:, None], kept_bk].set(x_bkd, mode="drop")
-        x_bsd = x_bsd + self._pos_embed(self.decoder_pos_embed_learned, grid)
+        x_bsd = add(x_bsd, self._pos_embed(self.decoder_pos_embed_learned, grid))
         blocks = self.decoder_blocks if query_bq is None else self.decoder_blocks[:-1]
         for blk in blocks:
             x_bsd = constrain(blk(x_bsd, None, deterministic), ("batch", "length", "act_embed"))
         pos_1ld = self._pos_embed(self.diffusion_pos_embed_learned, grid)
         if query_bq is None:
-            return self.decoder_norm(x_bsd)[:, c.buffer_size:] + pos_1ld
+            return add(self.decoder_norm(x_bsd)[:, c.buffer_size:], pos_1ld)
         query_bq = jnp.minimum(query_bq, image_len - 1).astype(jnp.int32)
         x_bqd = self.decoder_blocks[-1](x_bsd, None, deterministic, c.buffer_size + query_bq)
-        return self.decoder_norm(x_bqd) + jnp.take(pos_1ld[0], query_bq, axis=0)
+        return add(self.decoder_norm(x_bqd), jnp.take(pos_1ld[0], query_bq, axis=0))
 
     def __call__(self, x_blc, mask_bl, num_visible: int, image_shape: Optional[Grid] = None):
         """encode then decode (what `init` runs)."""

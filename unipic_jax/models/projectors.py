@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unipic_jax.models.layers import Dense
+from unipic_jax.models.layers import Dense, silu
 
 
 class MLPProjector(nn.Module):
@@ -28,4 +28,4 @@ class MLPProjector(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        return Dense(self.out, dtype=self.dtype, name="fc2")(jax.nn.silu(h))
+        return Dense(self.out, dtype=self.dtype, name="fc2")(silu(h))

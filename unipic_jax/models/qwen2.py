@@ -12,7 +12,8 @@ UniPic drives the LLM through three cache calls, all with static shapes:
     writing anything -- what the reference gets by truncating its cache after every MAR step;
   * `decode`: the same attention, then append the new K/V at the cache length (text generation).
 `__call__` is the plain cache-free forward (parity, training). RMSNorm statistics, RoPE cos/sin and
-the attention softmax are float32 whatever the compute `dtype`. With `remat=True` every decoder
+the attention softmax are float32 whatever the compute `dtype`; in bf16 every op rounds as the
+reference's (transformers' eager attention) does (layers.py). With `remat=True` every decoder
 layer is rematerialised on its own in the backward pass (`nn.remat`; param names unchanged).
 """
 
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unipic_jax.models.layers import Dense, einsum
+from unipic_jax.models.layers import Dense, add, einsum, mul, round_to, scalar_mul, silu
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -82,11 +83,12 @@ def rope_cos_sin(positions_bt: jax.Array, inv_freq_k: np.ndarray) -> tuple[jax.A
 
 
 def apply_rope(x_bthk: jax.Array, cos_btk: jax.Array, sin_btk: jax.Array) -> jax.Array:
-    """Rotate-half RoPE: x * cos + [-x2, x1] * sin, with dims (i, i + head_dim/2) paired."""
-    cos = cos_btk[:, :, None, :].astype(x_bthk.dtype)
-    sin = sin_btk[:, :, None, :].astype(x_bthk.dtype)
+    """Rotate-half RoPE: x * cos + [-x2, x1] * sin, with dims (i, i + head_dim/2) paired; cos and
+    sin rounded to x's dtype, then three rounded ops (transformers' `apply_rotary_pos_emb`)."""
+    cos = round_to(cos_btk[:, :, None, :], x_bthk.dtype)
+    sin = round_to(sin_btk[:, :, None, :], x_bthk.dtype)
     x1, x2 = jnp.split(x_bthk, 2, axis=-1)
-    return x_bthk * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return add(mul(x_bthk, cos), mul(jnp.concatenate([-x2, x1], axis=-1), sin))
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
@@ -137,7 +139,8 @@ class Qwen2Output:
 
 
 class RMSNorm(nn.Module):
-    """`weight * (x * rsqrt(mean(x^2) + eps)).astype(dtype)`, statistics in float32."""
+    """`weight * (x * rsqrt(mean(x^2) + eps)).astype(dtype)`, statistics in float32 (transformers'
+    Qwen2RMSNorm: the normalised value rounds, then the product with the weight)."""
 
     eps: float
     dtype: Dtype = jnp.float32
@@ -147,11 +150,11 @@ class RMSNorm(nn.Module):
         weight = self.param("scale", nn.initializers.ones, (x_btd.shape[-1],), jnp.float32)
         x32 = x_btd.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * normed.astype(self.dtype)
+        return mul(weight.astype(self.dtype), round_to(normed, self.dtype))
 
 
 class Qwen2MLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
+    """down(silu(gate(x)) * up(x)), no biases; in bf16 silu's output rounds, then the product."""
 
     config: Qwen2Config
     dtype: Dtype = jnp.float32
@@ -160,7 +163,7 @@ class Qwen2MLP(nn.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dense = lambda n, name: Dense(n, use_bias=False, dtype=self.dtype, name=name)
         inter = self.config.intermediate_size
-        h = nn.silu(dense(inter, "gate_proj")(x_btd)) * dense(inter, "up_proj")(x_btd)
+        h = mul(silu(dense(inter, "gate_proj")(x_btd)), dense(inter, "up_proj")(x_btd))
         return dense(self.config.hidden_size, "down_proj")(h)
 
 
@@ -192,9 +195,10 @@ class Qwen2Attention(nn.Module):
 
         # Query head h = kv_head * groups + g reads KV head `kv_head`; K/V are never repeated.
         q_btkgd = q_bthk.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = einsum("btkgd,bskd->bkgts", q_btkgd, keys) * cfg.head_dim ** -0.5
+        # transformers' eager attention: the product rounds, the scaled scores round again.
+        scores = scalar_mul(einsum("btkgd,bskd->bkgts", q_btkgd, keys), cfg.head_dim ** -0.5)
         scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = round_to(jax.nn.softmax(scores, axis=-1), self.dtype)
         out_btkgd = einsum("bkgts,bskd->btkgd", probs, values)
         out_btd = out_btkgd.reshape(b, t, cfg.num_heads * cfg.head_dim)
         out_btd = Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, name="o_proj")(out_btd)
@@ -214,9 +218,9 @@ class Qwen2DecoderLayer(nn.Module):
         h, kv = Qwen2Attention(self.config, self.dtype, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x_btd), cos_btk, sin_btk, mask_bts,
             past_k_bskd, past_v_bskd)
-        x_btd = x_btd + h
-        x_btd = x_btd + Qwen2MLP(self.config, self.dtype, name="mlp")(
-            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x_btd))
+        x_btd = add(x_btd, h)
+        x_btd = add(x_btd, Qwen2MLP(self.config, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x_btd)))
         return constrain(x_btd, ("batch", "length", "act_embed")), kv
 
 
@@ -261,7 +265,7 @@ class Qwen2(nn.Module):
     def _stack(self, x_btd, positions_bt, mask_bts, cache, return_hidden_states, return_logits):
         """Every layer, then the final norm. With `cache`, layer i attends to [cache.k[i] ; new]."""
         cos, sin = rope_cos_sin(positions_bt, self.inv_freq)
-        x_btd = x_btd.astype(self.dtype)
+        x_btd = round_to(x_btd, self.dtype)
         hidden, new_k, new_v = [x_btd], [], []
         for i, layer in enumerate(self.layers):
             past = (cache.k[i], cache.v[i]) if cache is not None else (None, None)

@@ -10,8 +10,9 @@ pixels (B, S, S, C) in [-1, 1]
 
 The position table is used at its native size only (UniPic feeds 512 px to a 512 px tower); any
 other input size is an error rather than a silent interpolation. Norm statistics and softmax run in
-float32 whatever the compute `dtype`. With `remat=True` every encoder layer is rematerialised on its
-own in the backward pass (`nn.remat`; param names unchanged).
+float32 whatever the compute `dtype`; in bf16 every op rounds as the reference's (transformers'
+eager attention, torch's nn.MultiheadAttention) does (layers.py). With `remat=True` every encoder
+layer is rematerialised on its own in the backward pass (`nn.remat`; param names unchanged).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from unipic_jax.models.layers import Dense, einsum
+from unipic_jax.models.layers import Conv, Dense, LayerNorm, add, einsum, gelu, linear, round_to, rounds, scalar_mul
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -63,9 +64,9 @@ class SiglipOutput:
     hidden_states: tuple[jax.Array, ...] | None
 
 
-def _layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def _layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> LayerNorm:
     # Two-pass variance in float32, as torch's LayerNorm computes it.
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+    return LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def _split_heads(x_btd: jax.Array, num_heads: int) -> jax.Array:
@@ -73,11 +74,20 @@ def _split_heads(x_btd: jax.Array, num_heads: int) -> jax.Array:
     return x_btd.reshape(b, t, num_heads, d // num_heads)
 
 
-def _attention(q_bqhk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, dtype: Dtype) -> jax.Array:
-    """Softmax(q k^T * head_dim^-0.5) v with the softmax in float32; returns (B, Q, H, K)."""
+def _attention(q_bqhk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, dtype: Dtype,
+               scale_first: bool = False) -> jax.Array:
+    """Softmax(q k^T * head_dim^-0.5) v with the softmax in float32; returns (B, Q, H, K).
+
+    bf16 rounds as transformers' eager SiglipAttention: q k^T, then its scaling, then the
+    softmax's output, then p v. `scale_first`: as torch's `nn.MultiheadAttention` (need_weights),
+    which scales q and rounds it before the product (float32 keeps the one order it has).
+    """
     scale = q_bqhk.shape[-1] ** -0.5
-    logits_bhqs = einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk) * scale
-    probs_bhqs = jax.nn.softmax(logits_bhqs.astype(jnp.float32), axis=-1).astype(dtype)
+    if scale_first and rounds(dtype):
+        logits_bhqs = einsum("bqhk,bshk->bhqs", scalar_mul(q_bqhk, scale), k_bshk)
+    else:
+        logits_bhqs = scalar_mul(einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk), scale)
+    probs_bhqs = round_to(jax.nn.softmax(logits_bhqs.astype(jnp.float32), axis=-1), dtype)
     return einsum("bhqs,bshk->bqhk", probs_bhqs, v_bshk)
 
 
@@ -91,7 +101,7 @@ class SiglipMLP(nn.Module):
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         h_btf = Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x_btd)
-        h_btf = jax.nn.gelu(h_btf, approximate=True)
+        h_btf = gelu(h_btf, approximate=True)
         return Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h_btf)
 
 
@@ -123,9 +133,9 @@ class SiglipEncoderLayer(nn.Module):
         cfg = self.config
         x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
         h = _layer_norm(cfg.ln_eps, self.dtype, "layer_norm1")(x_btd)
-        x_btd = x_btd + SiglipAttention(cfg, self.dtype, name="self_attn")(h)
+        x_btd = add(x_btd, SiglipAttention(cfg, self.dtype, name="self_attn")(h))
         h = _layer_norm(cfg.ln_eps, self.dtype, "layer_norm2")(x_btd)
-        x_btd = x_btd + SiglipMLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h)
+        x_btd = add(x_btd, SiglipMLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h))
         return constrain(x_btd, ("batch", "length", "act_embed"))
 
 
@@ -142,20 +152,24 @@ class SiglipEmbeddings(nn.Module):
     def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
         cfg = self.config
         p = cfg.patch_size
-        patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                          name="patch_embedding")(pixels_bhwc)
+        patches = Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                       name="patch_embedding")(pixels_bhwc)
         b, gh, gw, d = patches.shape
         if gh * gw != cfg.num_patches:
             raise ValueError(
                 f"SigLIP input {pixels_bhwc.shape[1:3]} gives {gh}x{gw} patches; the position table "
                 f"holds {cfg.num_patches} ({cfg.image_size} px / patch {p}); no interpolation")
         positions_nd = nn.Embed(cfg.num_patches, d, name="position_embedding").embedding
-        return patches.reshape(b, gh * gw, d) + positions_nd.astype(self.dtype)
+        return add(patches.reshape(b, gh * gw, d), positions_nd.astype(self.dtype))
 
 
 class SiglipPoolingHead(nn.Module):
     """Multi-head attention pooling (MAP): a learned probe queries the tokens through PyTorch's
-    `nn.MultiheadAttention` (fused in_proj, rows [q; k; v]; out_proj), then y + MLP(LN(y))."""
+    `nn.MultiheadAttention` (fused in_proj, rows [q; k; v]; out_proj), then y + MLP(LN(y)).
+
+    In bf16 torch's in-projection of the probe adds its bias before rounding (a contiguous
+    input), that of the tokens after (F.linear on the transposed, non-contiguous tokens is a
+    matmul, then `add_`); q is scaled before the product (`_attention(scale_first=True)`)."""
 
     config: SiglipConfig
     dtype: Dtype = jnp.float32
@@ -170,14 +184,14 @@ class SiglipPoolingHead(nn.Module):
         # of PyTorch's in_proj_weight); the probe only needs q, the tokens only k and v.
         kernel_d3d = self.param("in_proj_kernel", nn.initializers.lecun_normal(), (d, 3 * d)).astype(self.dtype)
         bias_3d = self.param("in_proj_bias", nn.initializers.zeros_init(), (3 * d,)).astype(self.dtype)
-        q_b1d = probe_b1d @ kernel_d3d[:, :d] + bias_3d[:d]
-        kv_bt2d = x_btd @ kernel_d3d[:, d:] + bias_3d[d:]
+        q_b1d = linear(probe_b1d, kernel_d3d[:, :d], bias_3d[:d])
+        kv_bt2d = add(einsum("btd,de->bte", x_btd, kernel_d3d[:, d:]), bias_3d[d:])
         n = cfg.num_heads
         o_b1hk = _attention(_split_heads(q_b1d, n), _split_heads(kv_bt2d[..., :d], n),
-                            _split_heads(kv_bt2d[..., d:], n), self.dtype)
+                            _split_heads(kv_bt2d[..., d:], n), self.dtype, scale_first=True)
         y_b1d = Dense(d, dtype=self.dtype, name="out_proj")(o_b1hk.reshape(b, 1, d))
         h = _layer_norm(cfg.ln_eps, self.dtype, "layernorm")(y_b1d)
-        y_b1d = y_b1d + SiglipMLP(d, cfg.intermediate_size, self.dtype, name="mlp")(h)
+        y_b1d = add(y_b1d, SiglipMLP(d, cfg.intermediate_size, self.dtype, name="mlp")(h))
         return y_b1d[:, 0]
 
 
@@ -202,7 +216,7 @@ class SiglipVisionModel(nn.Module):
             self.head = SiglipPoolingHead(cfg, self.dtype)
 
     def __call__(self, pixels_bhwc: jax.Array, output_hidden_states: bool = False) -> SiglipOutput:
-        x_btd = self.embeddings(pixels_bhwc.astype(self.dtype))
+        x_btd = self.embeddings(round_to(pixels_bhwc, self.dtype))
         hidden = [x_btd]
         for layer in self.layers:
             x_btd = layer(x_btd)

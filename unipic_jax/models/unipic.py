@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unipic_jax.models.diffusion import DiffusionConfig, SimpleMLPAdaLN
+from unipic_jax.models.layers import add
 from unipic_jax.models.mar import MAR, MARConfig
 from unipic_jax.models.projectors import MLPProjector
 from unipic_jax.models.qwen2 import KVCache, Qwen2, Qwen2Config, positions_from_mask
@@ -194,7 +195,8 @@ class UniPic(nn.Module):
 
     def extract_visual_feature(self, tokens_bmnc, mask_bl=None, num_visible: Optional[int] = None, *,
                                deterministic: bool = True):
-        """MAR encoder (fake_latent buffer) then proj_in, buffer moved to the end.
+        """MAR encoder (fake_latent buffer) then proj_in, buffer moved to the end. `tokens_bmnc`
+        are `encode`'s output, as in every caller of the reference (`MAR.encode_at(from_vae)`).
 
         `mask_bl` (b, m*n), 1 = masked, with `num_visible` (Python int) zeros per row; None keeps
         every token. Returns `(x_enc, z_enc)`: x_enc (b, buffer + V, mar_dim) in MAR order,
@@ -204,22 +206,23 @@ class UniPic(nn.Module):
         if mask_bl is None:
             mask_bl, num_visible = jnp.zeros((b, m * n), jnp.float32), m * n
         x_enc = self.mar.encode(tokens_bmnc.reshape(b, m * n, c), mask_bl, num_visible, (m, n),
-                                deterministic=deterministic)
+                                deterministic=deterministic, from_vae=True)
         return x_enc, buffer_last(self.proj_in(x_enc), num_visible, self.config.buffer_size)
 
     def bridge(self, x_enc_bkd, z_llm_bkd, num_visible):
         """LLM output (LLM order) -> MAR decoder input: `x_enc + proj_out(buffer moved to the front)`."""
         z_bkd = buffer_first(z_llm_bkd, num_visible, self.config.buffer_size)
-        return x_enc_bkd + self.proj_out(z_bkd).astype(x_enc_bkd.dtype)
+        return add(x_enc_bkd, self.proj_out(z_bkd).astype(x_enc_bkd.dtype))
 
     def forward_mae_encoder(self, tokens_blc, mask_bl, num_visible: int, image_shape: Grid,
                             prompt_embeds_btd, prompt_mask_bt):
         """The reference's cache-free `forward_mae_encoder` (training): the LLM runs on
-        `[prompt ; z_enc]` with key mask `[prompt_mask ; 1]` and positions `cumsum - 1`.
+        `[prompt ; z_enc]` with key mask `[prompt_mask ; 1]` and positions `cumsum - 1`; the
+        tokens are `encode`'s output (`MAR.encode_at(from_vae)`).
 
         Returns the MAR decoder input (b, buffer + V, mar_dim).
         """
-        x_enc = self.mar.encode(tokens_blc, mask_bl, num_visible, image_shape)
+        x_enc = self.mar.encode(tokens_blc, mask_bl, num_visible, image_shape, from_vae=True)
         z_enc = buffer_last(self.proj_in(x_enc), num_visible, self.config.buffer_size)
         b, length = z_enc.shape[:2]
         x_btd = jnp.concatenate([prompt_embeds_btd.astype(z_enc.dtype), z_enc], axis=1)

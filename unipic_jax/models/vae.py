@@ -4,7 +4,9 @@ NHWC inside, images in [-1, 1]. Submodule names follow the PyTorch state dict
 (`encoder.down.0.block.1.conv1` is `encoder/down_0/block_1/conv1` here), so the key table in
 `convert/vae.py` is a rename. GroupNorm statistics, the attention softmax and the decoder's
 upsampling convolutions (`UpsampleConv`) run in float32 whatever the compute `dtype`; params are
-float32.
+float32. In bf16 every op rounds as the reference's does (layers.py): a convolution adds its bias
+before its one rounding, swish is two rounded ops (`x * sigmoid(x)`), the latent scaling rounds
+once with the unrounded scale.
 
 UniPic never samples the posterior: `encode_tokens` uses its mode (the mean) times the latent
 scale and puts channels last, `decode_tokens` divides by the scale and decodes.
@@ -19,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unipic_jax.models.layers import einsum
+from unipic_jax.models.layers import Conv, add, einsum, mul, round_to, scalar_div, scalar_mul, sigmoid, softmax
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -61,13 +63,18 @@ def _group_norm(config: VAEConfig, name: str, x):
     """GroupNorm with float32 statistics (two-pass variance, as PyTorch), cast back to x's dtype."""
     norm = nn.GroupNorm(num_groups=config.norm_groups, epsilon=config.norm_eps,
                         use_fast_variance=False, dtype=jnp.float32, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+    return round_to(norm(x.astype(jnp.float32)), x.dtype)
 
 
-def _conv(features: int, kernel: int, name: str, dtype: Dtype, **kwargs) -> nn.Conv:
+def _conv(features: int, kernel: int, name: str, dtype: Dtype, **kwargs) -> Conv:
     """A k x k convolution; 3x3 ones pad by 1 on every side unless told otherwise."""
     padding = kwargs.pop("padding", (kernel - 1) // 2)
-    return nn.Conv(features, (kernel, kernel), padding=padding, dtype=dtype, name=name, **kwargs)
+    return Conv(features, (kernel, kernel), padding=padding, dtype=dtype, name=name, **kwargs)
+
+
+def swish(x):
+    """LDM's `nonlinearity`: `x * torch.sigmoid(x)`, two ops (in bf16 each rounds), not F.silu."""
+    return mul(x, sigmoid(x))
 
 
 class ResnetBlock(nn.Module):
@@ -79,12 +86,12 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_bhwc):
-        h = _conv(self.out_ch, 3, "conv1", self.dtype)(nn.swish(_group_norm(self.config, "norm1", x_bhwc)))
-        h = _conv(self.out_ch, 3, "conv2", self.dtype)(nn.swish(_group_norm(self.config, "norm2", h)))
+        h = _conv(self.out_ch, 3, "conv1", self.dtype)(swish(_group_norm(self.config, "norm1", x_bhwc)))
+        h = _conv(self.out_ch, 3, "conv2", self.dtype)(swish(_group_norm(self.config, "norm2", h)))
         skip = x_bhwc
         if x_bhwc.shape[-1] != self.out_ch:
             skip = _conv(self.out_ch, 1, "nin_shortcut", self.dtype)(x_bhwc)
-        return constrain(skip + h, ("batch", "length", "length", "act_embed"))
+        return constrain(add(skip, h), ("batch", "length", "length", "act_embed"))
 
 
 class AttnBlock(nn.Module):
@@ -99,10 +106,11 @@ class AttnBlock(nn.Module):
         h = _group_norm(self.config, "norm", x_bhwc)
         q_bsc, k_bsc, v_bsc = (
             _conv(c, 1, name, self.dtype)(h).reshape(b, height * width, c) for name in ("q", "k", "v"))
-        logits_bst = einsum("bsc,btc->bst", q_bsc, k_bsc).astype(jnp.float32) * c ** -0.5
-        weights_bst = jax.nn.softmax(logits_bst, axis=-1).astype(self.dtype)
+        # bmm rounds, the scaling rounds, softmax(bf16) rounds (the reference's three ops).
+        logits_bst = scalar_mul(einsum("bsc,btc->bst", q_bsc, k_bsc), c ** -0.5)
+        weights_bst = softmax(logits_bst, axis=-1)
         out_bsc = einsum("bst,btc->bsc", weights_bst, v_bsc)
-        return x_bhwc + _conv(c, 1, "proj_out", self.dtype)(out_bsc.reshape(b, height, width, c))
+        return add(x_bhwc, _conv(c, 1, "proj_out", self.dtype)(out_bsc.reshape(b, height, width, c)))
 
 
 class Downsample(nn.Module):
@@ -156,7 +164,7 @@ class UpsampleConv(nn.Module):
         # output (2i+p, 2j+q) is window (i+p, j+q) of parity (p, q)
         y_bhpwqo = jnp.stack([jnp.stack([out[:, p:p + h, q:q + w, p, q] for q in range(2)], 3)
                               for p in range(2)], 2)
-        return (y_bhpwqo.reshape(b, 2 * h, 2 * w, o) + bias.astype(jnp.float32)).astype(self.dtype)
+        return round_to(y_bhpwqo.reshape(b, 2 * h, 2 * w, o) + bias.astype(jnp.float32), self.dtype)
 
 
 class Upsample(nn.Module):
@@ -224,7 +232,7 @@ class Encoder(nn.Module):
                       resample="downsample" if level != last else None,
                       dtype=self.dtype, name=f"down_{level}")(h)
         h = MidBlock(cfg, self.dtype, name="mid")(h)
-        h = nn.swish(_group_norm(cfg, "norm_out", h))
+        h = swish(_group_norm(cfg, "norm_out", h))
         return _conv(2 * cfg.embed_dim, 3, "conv_out", self.dtype)(h)
 
 
@@ -243,7 +251,7 @@ class Decoder(nn.Module):
             h = Level(cfg, cfg.ch * cfg.ch_mult[level], cfg.num_res_blocks + 1,
                       resample="upsample" if level != 0 else None,
                       dtype=self.dtype, name=f"up_{level}")(h)
-        h = nn.swish(_group_norm(cfg, "norm_out", h))
+        h = swish(_group_norm(cfg, "norm_out", h))
         return _conv(cfg.out_ch, 3, "conv_out", self.dtype)(h)
 
 
@@ -283,11 +291,11 @@ class AutoencoderKL(nn.Module):
                 f"VAE input is {height}x{width} pixels; height and width must be multiples of {f} "
                 f"(the encoder downsamples by {f}): resize or crop the image first")
         mean, _ = self.encode(x_bhwc)
-        return mean * scale
+        return scalar_mul(mean, scale)
 
     def decode_tokens(self, tokens_bmnc, scale: float):
         """UniPic `decode`: tokens (b, m, n, embed_dim) divided by `scale`, decoded to images."""
-        return self.decode(tokens_bmnc / scale)
+        return self.decode(scalar_div(tokens_bmnc, scale))
 
     def __call__(self, x_bhwc):
         """Encode, then decode the posterior mode (used for init)."""

@@ -2,11 +2,18 @@
 
 The reference's inference mode casts the whole model to bf16 (`model.to(torch.bfloat16)`, spec
 §1.3); these twins are the float32 cases rerun that way. Our bf16 model (`UniPic(config,
-jnp.bfloat16)` with `cast_params`) rounds differently from the reference's CPU kernels, so float
-tensors are held to `meta.cases.<case>.suggested_tolerance.rel` x max|ref| (4x the measured
-bf16-vs-float32 error; the fixtures README, "unipic/ bfloat16 twins"). Orders and masks come from
-the replayed draws and must match exactly. For i2t the stored ids are teacher-forced and the step
-logits compared; argmax must agree only at steps whose top-1/top-2 margin exceeds bf16 error
+jnp.bfloat16)` with `cast_params`) rounds where torch's CPU kernels round (models/layers.py), so
+the prompt pass and the first sampling step reproduce the reference bit for bit. What is left:
+float32 sums taken in another order (oneDNN's convolutions and GEMMs against XLA's), LayerNorm's
+float32 statistics and torch's float32 erf/tanh differ in their last bits, which moves a bf16
+rounding for about 1e-5 of the outputs (tests/test_bf16_ops.py). One such move is enough for the
+random-weight sampling chain, which amplifies a one-ulp change in a token to the size of the
+reference's own bf16 rounding noise within a step or two; the VAE encoder (i2t) meets one in its
+first convolutions. Float tensors are therefore held to `REFERENCE_NOISE_MULTIPLE` x that noise,
+the case's worst max|bf16 - float32| / max|float32| (`meta.cases.<case>.bf16_vs_float32.worst`):
+on tests/fixtures the worst row is at 1.02x (t2i) and 0.69x (i2t) of it. Orders and masks come
+from the replayed draws and must match exactly. For i2t the stored ids are teacher-forced and the
+step logits compared; argmax must agree only at steps whose top-1/top-2 margin exceeds bf16 error
 (`id_decided_beyond_bf16_error`). The RoPE inverse frequencies are checked bit-exactly against
 the reference's bf16-rounded buffer: the end-to-end bounds are too loose to see that rounding.
 """
@@ -38,8 +45,15 @@ def load(fx: Fixture) -> tuple[UniPic, dict]:
     return UniPic(config, jnp.bfloat16), cast_params(unipic_params_from_torch(fx.weights, config), jnp.bfloat16)
 
 
+# Float rows: this multiple of the reference's own bf16 noise (see the module docstring). 2 leaves
+# a 2x margin over tests/fixtures' worst row for other seeds; the meta's `suggested_tolerance`
+# (4x, "a port that rounds differently") was twice as loose.
+REFERENCE_NOISE_MULTIPLE = 2.0
+
+
 def _rel(fx: Fixture, case: str) -> float:
-    return float(fx.meta["cases"][case]["suggested_tolerance"]["rel"])
+    noise = fx.meta["cases"][case]["bf16_vs_float32"]["worst"]["max_rel_to_max"]
+    return REFERENCE_NOISE_MULTIPLE * float(noise)
 
 
 def rope_rows(fx: Fixture) -> Iterator[Row]:
