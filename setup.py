@@ -29,7 +29,11 @@ setup(
     extras_require={
         # Reading the official release (.bin / .ckpt torch pickles) and `unipic-jax export`.
         "convert": ["torch==2.13.0"],
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0",
+                 # the web demo's browser tests (Debian's chromium and chromium-driver, see .ci/run)
+                 "gradio==6.31.0", "selenium==4.51.0"],
+        # `unipic-jax demo`, the web demo.
+        "demo": ["gradio==6.31.0"],
         # TPU runs and `unipic-jax compile` for TPU topologies on any host (libtpu 0.0.42.1).
         "tpu": ["jax[tpu]==0.10.2"],
     },

@@ -21,6 +21,18 @@ CPU time much less so.
 --threads N limits the CPUs this process may run on (sched_setaffinity) before jax is imported;
 XLA's CPU thread pools size themselves from the schedulable CPUs. N = 1 also turns off Eigen's
 intra-op threading. The last line is `seconds_per_image=<median>`, for scripts.
+
+Fast sampling (`sampling/fast.py`): `--fast` times the `fast` preset instead of the faithful
+sampler (`--fast-settings JSON` another combination, `FastSettings.as_dict()` form). `--alternate`
+compiles both and times them alternately in one process (`--repeats` each; the machine's load
+then hits both alike), reporting both and `speedup` (faithful median / fast median).
+`--deviation` reports how far the fast sampler's final tokens are from the faithful ones on the
+same key (relative RMS), next to two faithful samples from different keys. `--flops` reports the
+FLOPs per image from XLA's cost analysis instead of timing (programs lowered on shapes only, no
+weights allocated, so it runs at full size on a CPU):
+
+    python bench/sample.py --config bench/cpu_bench.json --threads 2 --repeats 5 --alternate
+    python bench/sample.py --config unipic_1p5b --random-weights --size 1024 --steps 64 --flops --alternate
 """
 
 from __future__ import annotations
@@ -153,6 +165,43 @@ def peak_memory() -> dict:
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def fast_settings(args):
+    """The fast sampler's settings for the arguments (None: faithful only)."""
+    from unipic_jax.sampling import fast
+
+    if args.fast_settings:
+        return fast.FastSettings.from_dict(json.loads(args.fast_settings))
+    return fast.FAST if (args.fast or args.alternate or args.deviation) else None
+
+
+def timed_modes(args) -> tuple[str, ...]:
+    if args.alternate:
+        return ("faithful", "fast")
+    return ("fast",) if args.fast or args.fast_settings else ("faithful",)
+
+
+def report_flops(args, model, config, sampling, grid, num_iter, settings, dtype) -> dict:
+    """FLOPs per image of the faithful and/or fast sampler (shapes only)."""
+    import jax
+
+    from unipic_jax.models.unipic import param_shapes
+    from unipic_jax.sampling import fast
+
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), param_shapes(config))
+    kwargs = dict(batch=sampling["batch_images"], prompt_len=sampling["prompt_len"], image_shape=grid,
+                  num_iter=num_iter, cfg=sampling["cfg"])
+    out = {}
+    modes = [(name, mode) for name, mode in (("faithful", None), ("fast", settings)) if name in timed_modes(args)]
+    for name, mode in modes:
+        start = time.perf_counter()
+        flops = fast.flops_per_image(model, params, fast=mode, **kwargs)
+        out[f"{name}_flops_per_image"] = {k: float(f"{v:.4g}") for k, v in flops.items()}
+        out[f"{name}_lower_s"] = round(time.perf_counter() - start, 1)
+    if len(modes) == 2:
+        out["flops_ratio"] = round(out["faithful_flops_per_image"]["total"] / out["fast_flops_per_image"]["total"], 3)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="CPU-bench JSON, 'unipic_1p5b' or a fixture folder")
@@ -163,6 +212,11 @@ def main(argv=None) -> int:
                    help="fp32, or bf16: bfloat16 compute and weights, as the reference's model.to(bf16)")
     p.add_argument("--size", type=int, help="image side in pixels (default: the config's)")
     p.add_argument("--steps", type=int, help="MAR steps (default: the config's num_iter)")
+    p.add_argument("--fast", action="store_true", help="time the fast sampler's preset (sampling/fast.py)")
+    p.add_argument("--fast-settings", help="fast sampler settings as JSON (FastSettings.as_dict()), not the preset")
+    p.add_argument("--alternate", action="store_true", help="time the faithful and fast samplers alternately")
+    p.add_argument("--deviation", action="store_true", help="fast vs faithful final tokens on the same key")
+    p.add_argument("--flops", action="store_true", help="FLOPs per image from XLA's cost analysis; no timing")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     try:
@@ -171,7 +225,8 @@ def main(argv=None) -> int:
         size = args.size or size
         if size % 16 or args.repeats < 1:
             raise ValueError(f"--size must be a multiple of 16 (got {size}) and --repeats >= 1")
-    except (ValueError, OSError) as e:
+        settings = fast_settings(args)
+    except (ValueError, OSError, TypeError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -180,7 +235,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from unipic_jax.models.unipic import UniPic, UniPicConfig
-    from unipic_jax.sampling import t2i
+    from unipic_jax.sampling import fast, t2i
 
     compile_events: list[tuple[str, float]] = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -188,52 +243,99 @@ def main(argv=None) -> int:
 
     unipic_config = UniPicConfig.from_config(config)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    start = time.perf_counter()
-    params = jax.block_until_ready(random_params(unipic_config, 0, dtype))
-    init_s = time.perf_counter() - start
     model = UniPic(unipic_config, dtype)
     grid = (size // 16, size // 16)
     num_iter = args.steps or sampling["num_iter"]
+    common = {"config": args.config, "device": jax.devices()[0].device_kind, "cpus": len(cpus), "dtype": args.dtype,
+              "size": size, "steps": num_iter, "batch_images": sampling["batch_images"], "cfg": sampling["cfg"]}
+    if settings is not None:
+        common["fast_settings"] = settings.as_dict()
+        common["fast_steps"] = settings.num_iter(num_iter)
+    if args.flops:
+        result = {**common, **report_flops(args, model, unipic_config, sampling, grid, num_iter, settings, dtype)}
+        return _report(result, args.json, None)
+
+    start = time.perf_counter()
+    params = jax.block_until_ready(random_params(unipic_config, 0, dtype))
+    init_s = time.perf_counter() - start
     ids, mask = bench_prompts(sampling, unipic_config.tokens, min(unipic_config.tokens.pad, unipic_config.tokens.eos))
     key = jax.random.key(sampling["sample_seed"])
 
-    def sample():
-        out = t2i.text_to_image(model, params, ids, mask, image_shape=grid, num_iter=num_iter, cfg=sampling["cfg"],
-                                cfg_schedule=sampling["cfg_schedule"], temperature=sampling["temperature"], key=key)
-        return jax.block_until_ready(out.images)
+    def run(mode, sample_key=key):
+        return t2i.text_to_image(model, params, ids, mask, image_shape=grid, num_iter=num_iter, cfg=sampling["cfg"],
+                                 cfg_schedule=sampling["cfg_schedule"], temperature=sampling["temperature"],
+                                 key=sample_key, fast=mode)
 
-    compile_events.clear()
-    traces_before = sum(t2i.TRACES.values())
-    start = time.perf_counter()
-    images = sample()
-    first_s = time.perf_counter() - start
-    programs = sum(1 for name, _ in compile_events if name.endswith("backend_compile_duration"))
-    compile_s = sum(secs for _, secs in compile_events)
-    traces = sum(t2i.TRACES.values()) - traces_before
-    times, cpu_times = [], []
+    def sample(mode):
+        return jax.block_until_ready(run(mode).images)
+
+    modes = {name: {"faithful": None, "fast": settings}[name] for name in timed_modes(args)}
+    result = dict(common, init_s=round(init_s, 3))
+    images = {}
+    for name, mode in modes.items():  # the compiling calls
+        compile_events.clear()
+        traces_before = sum(t2i.TRACES.values()) + sum(fast.TRACES.values())
+        start = time.perf_counter()
+        images[name] = sample(mode)
+        prefix = "" if len(modes) == 1 else f"{name}_"
+        result.update({
+            f"{prefix}first_call_s": round(time.perf_counter() - start, 3),
+            f"{prefix}compile_s": round(sum(secs for _, secs in compile_events), 3),
+            f"{prefix}programs_compiled": sum(1 for n, _ in compile_events if n.endswith("backend_compile_duration")),
+            f"{prefix}sampler_traces": sum(t2i.TRACES.values()) + sum(fast.TRACES.values()) - traces_before})
+    times = {name: [] for name in modes}
+    cpu_times = {name: [] for name in modes}
     compile_events.clear()
     for _ in range(args.repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        sample()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    recompiled = sum(1 for name, _ in compile_events if name.endswith("backend_compile_duration"))
-    per_image = statistics.median(times) / sampling["batch_images"]
-    result = {
-        "config": args.config, "device": jax.devices()[0].device_kind, "cpus": len(cpus), "dtype": args.dtype,
-        "size": size, "steps": num_iter, "batch_images": sampling["batch_images"], "cfg": sampling["cfg"],
-        "init_s": round(init_s, 3), "first_call_s": round(first_s, 3), "compile_s": round(compile_s, 3),
-        "programs_compiled": programs, "sampler_traces": traces, "recompiled_in_repeats": recompiled,
-        "repeats_s": [round(t, 3) for t in times], "median_s": round(statistics.median(times), 3),
-        "min_s": round(min(times), 3), "cpu_s_median": round(statistics.median(cpu_times), 3),
-        "image_finite": bool(np.isfinite(np.asarray(images, np.float32)).all()),
-        "load_average": os.getloadavg()[0], **peak_memory(),
-    }
+        for name, mode in modes.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            sample(mode)
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    result["recompiled_in_repeats"] = sum(1 for n, _ in compile_events if n.endswith("backend_compile_duration"))
+    for name in modes:
+        prefix = "" if len(modes) == 1 else f"{name}_"
+        result.update({
+            f"{prefix}repeats_s": [round(t, 3) for t in times[name]],
+            f"{prefix}median_s": round(statistics.median(times[name]), 3),
+            f"{prefix}min_s": round(min(times[name]), 3),
+            f"{prefix}cpu_s_median": round(statistics.median(cpu_times[name]), 3)})
+    if args.alternate:
+        result["speedup"] = round(statistics.median(times["faithful"]) / statistics.median(times["fast"]), 3)
+        result["speedup_cpu_s"] = round(statistics.median(cpu_times["faithful"]) / statistics.median(cpu_times["fast"]), 3)
+    if args.deviation:
+        result.update(token_deviation(run, settings, key))
+    result["image_finite"] = all(bool(np.isfinite(np.asarray(x, np.float32)).all()) for x in images.values())
+    result.update(load_average=os.getloadavg()[0], **peak_memory())
+    timed = "fast" if "fast" in modes and not args.alternate else next(iter(modes))
+    return _report(result, args.json, statistics.median(times[timed]) / sampling["batch_images"])
+
+
+def token_deviation(run, settings, key) -> dict:
+    """Relative RMS distance of the fast sampler's final tokens (cond rows) from the faithful ones on
+    the same key, and of two faithful samples on different keys (the scale of "unrelated")."""
+    import jax
+    import numpy as np
+
+    def tokens(mode, k):
+        out = run(mode, k)
+        return np.asarray(out.tokens[: out.images.shape[0]], np.float64)
+
+    def rel(a, b):
+        return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+    faithful = tokens(None, key)
+    return {"token_deviation_fast": round(rel(tokens(settings, key), faithful), 4),
+            "token_deviation_other_key": round(rel(tokens(None, jax.random.fold_in(key, 1)), faithful), 4)}
+
+
+def _report(result: dict, path, per_image) -> int:
     for k, v in result.items():
         print(f"{k}: {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"seconds_per_image={per_image:.3f}")
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    if per_image is not None:
+        print(f"seconds_per_image={per_image:.3f}")
     return 0
 
 

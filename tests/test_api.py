@@ -90,20 +90,20 @@ def test_generate_returns_images_and_compiles_once(pipe):
 
 
 def test_progress_bar_says_compiling_then_counts_mar_steps(pipe, monkeypatch):
-    """The bar reads "compiling" until the first MAR step ends, then restarts its clock (so the ETA
-    leaves the compile out) and counts every step."""
+    """The bar reads "compiling" until the first MAR step ends, then a fresh bar (its clock started
+    after the compile, so the ETA leaves it out) counts every step."""
     bars, real = [], api._progress
 
     def spy(total, enabled, desc):
         bar = real(total, enabled, desc)
-        bars.append((bar, bar.desc))
+        bars.append((bar, bar.bar.desc))
         return bar
 
     monkeypatch.setattr(api, "_progress", spy)
     pipe.generate("a red fox", size=SIZE, steps=STEPS, seed=0)
     (bar, first_desc), = bars
-    assert first_desc == "generate: compiling" and bar.desc == "generate"
-    assert (bar.n, bar.initial, bar.total) == (STEPS, 1, STEPS)
+    assert first_desc == "generate: compiling" and bar.bar.desc == "generate"
+    assert (bar.bar.n, bar.bar.initial, bar.bar.total) == (STEPS, 1, STEPS)
 
 
 def test_edit_returns_image_of_the_size(pipe, picture):

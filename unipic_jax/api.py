@@ -41,6 +41,7 @@ import unipic_jax
 from unipic_jax import checkpoint, images, prompts
 from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
 from unipic_jax.sampling import caption as caption_lib
+from unipic_jax.sampling import fast as fast_sampling
 from unipic_jax.sampling import t2i
 
 ImageInput = Union[Image.Image, str, os.PathLike]
@@ -150,34 +151,46 @@ def _model_input_image(image: ImageInput) -> Image.Image:
     return images.load_image(image)
 
 
+class _StepBar:
+    """Progress over MAR steps in two tqdm bars: "TASK: compiling" until the first step ends (the
+    first call at a size compiles the sampler, cached afterwards), then "TASK" from step 1, so its
+    rate and ETA are those of the steady steps. Plain tqdm create/update/close calls, which
+    trackers such as Gradio's `track_tqdm` follow."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self._tqdm, self.total, self.desc, self.compiling = tqdm, total, desc, True
+        self.bar = tqdm(total=total, desc=f"{desc}: compiling", unit="step", leave=False)
+
+    def step(self) -> None:
+        if self.compiling:
+            self.compiling = False
+            self.bar.close()
+            self.bar = self._tqdm(total=self.total, initial=1, desc=self.desc, unit="step", leave=False)
+        else:
+            self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
 def _progress(total: int, enabled: bool, desc: str):
-    """A context manager giving a tqdm bar over MAR steps, or None. Until the first step ends the
-    bar says "compiling" (the first call at a size compiles the sampler, cached afterwards)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=f"{desc}: compiling", unit="step", leave=False)
-    bar.task = desc
-    return bar
+    """A context manager giving a `_StepBar` over MAR steps, or None."""
+    return _StepBar(total, desc) if enabled else contextlib.nullcontext()
 
 
-def _step_hook(bar) -> dict:
-    """The sampler's `on_step` argument advancing `bar` as each MAR step finishes (none without a bar).
-
-    After the first step (which includes compiling) the bar's clock restarts, so the rate and ETA
-    it shows are those of the steady steps."""
+def _step_hook(bar: Optional[_StepBar]) -> dict:
+    """The sampler's `on_step` argument advancing `bar` as each MAR step finishes (none without a bar)."""
     if bar is None:
         return {}
 
     def on_step(index: int, tokens) -> None:
         jax.block_until_ready(tokens)  # dispatch is asynchronous: count finished steps
-        if bar.n == 0:
-            bar.reset(total=bar.total)
-            bar.initial = bar.n = 1  # tqdm's rate is (n - initial) / elapsed
-            bar.set_description_str(bar.task)
-        else:
-            bar.update(1)
+        bar.step()
 
     return {"on_step": on_step}
 
@@ -349,13 +362,18 @@ class UniPicPipeline:
 
     def generate(self, prompt: str | Sequence[str], *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
                  cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
-                 seed: Optional[int] = None, batch: int = 1, progress: bool = True) -> list[Image.Image]:
+                 seed: Optional[int] = None, batch: int = 1, progress: bool = True,
+                 fast: bool = False) -> list[Image.Image]:
         """Text to image: `batch` images for each prompt, prompt-major (`scripts/text2image.py`).
 
         `size` (pixels, a multiple of 16) sets the latent grid `size/16`; `steps` the MAR
         iterations; `cfg` the guidance scale (1.0: no unconditional rows), `cfg_schedule`
         "constant" or "linear"; `seed` a `jax.random` seed (None: a fresh one). Each image's
         `info` holds the prompt, seed and settings (`save_png` writes them as PNG text).
+        `fast=True` samples with the fast preset (`sampling/fast.py`: fewer MAR and diffusion
+        steps, cached guidance; other images than the faithful default), also recorded in `info`
+        (a `fast.FastSettings`, or its `as_dict()` from an image's `fast_settings`, gives another
+        combination).
         """
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         check_sampling(self.config, size=size, steps=steps, cfg=cfg, temperature=temperature, batch=batch)
@@ -364,16 +382,17 @@ class UniPicPipeline:
         with _progress(steps, progress, "generate") as bar:
             out = t2i.text_to_image(self.model, self.params, ids, mask, prompt_bucket=PROMPT_BUCKET,
                                     image_shape=grid, num_iter=steps, cfg=cfg, cfg_schedule=cfg_schedule,
-                                    temperature=temperature, key=jax.random.key(seed), **_step_hook(bar))
+                                    temperature=temperature, key=jax.random.key(seed), fast=fast, **_step_hook(bar))
             result = np.asarray(out.images)
         settings = self._settings("text-to-image", seed=seed, size=size, steps=steps, cfg=cfg,
-                                  cfg_schedule=cfg_schedule, temperature=temperature, batch=batch)
+                                  cfg_schedule=cfg_schedule, temperature=temperature, batch=batch,
+                                  **fast_sampling.describe(fast, steps))
         info = [{"prompt": texts[i // batch], **settings, "index": i % batch} for i in range(len(texts) * batch)]
         return self._to_pil(result, info)
 
     def edit(self, image: ImageInput, prompt: str, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
              cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
-             seed: Optional[int] = None, progress: bool = True) -> Image.Image:
+             seed: Optional[int] = None, progress: bool = True, fast: bool = False) -> Image.Image:
         """Edit `image` (a PIL image or a file) as `prompt` says (`scripts/image_edit.py`).
 
         The source is centre-cropped to a square and resized to `size` (a multiple of 16); the
@@ -389,10 +408,10 @@ class UniPicPipeline:
         with _progress(steps, progress, "edit") as bar:
             out = t2i.edit(self.model, self.params, source, ids, mask, num_iter=steps, cfg=cfg,
                            cfg_schedule=cfg_schedule, temperature=temperature, key=jax.random.key(seed),
-                           prompt_bucket=PROMPT_BUCKET, **_step_hook(bar))
+                           prompt_bucket=PROMPT_BUCKET, fast=fast, **_step_hook(bar))
             result = np.asarray(out.images)
         settings = self._settings("edit", seed=seed, size=size, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule,
-                                  temperature=temperature)
+                                  temperature=temperature, **fast_sampling.describe(fast, steps))
         return self._to_pil(result, [{"prompt": prompt, **settings}])[0]
 
     def caption(self, image: ImageInput, prompt: str = prompts.CAPTION_TEXT, *, size: Optional[int] = None,

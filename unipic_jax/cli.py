@@ -228,7 +228,7 @@ def _peek(args):
 
 def _sampling_settings(args) -> dict:
     return dict(size=args.size, steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                temperature=args.temperature, progress=not args.no_progress)
+                temperature=args.temperature, progress=not args.no_progress, fast=args.fast)
 
 
 def _plain_name(name, where: str) -> str:
@@ -380,6 +380,43 @@ def _caption(args) -> int:
     return 0
 
 
+def _eval_gen(args) -> int:
+    """Images for a benchmark in its official layout: checked before loading, resumable, shardable."""
+    from unipic_jax import eval as benchmarks
+    from unipic_jax.api import check_sampling, check_seed
+    from unipic_jax.eval import common
+
+    shard = common.parse_shard(args.shard)
+    settings = _sampling_settings(args)
+    progress = settings.pop("progress")
+    module, plan, record = benchmarks.prepare(
+        args.benchmark, args.input, args.out_dir, settings=settings, dtype=args.dtype, samples=args.samples,
+        seed=check_seed(args.seed), shard=shard, images=args.images, model_name=args.model_name, redo=args.overwrite)
+    check_sampling(_peek(args), size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature)
+    where = f"{args.benchmark} shard {shard[0]}/{shard[1]}"
+    print(f"{where}: {len(plan.items)} items, {len(plan.items) - len(plan.pending)} finished already", flush=True)
+    if plan.pending:
+        pipe = _pipeline(args)
+        if module.TASK == "t2i":  # every prompt is tokenised and checked before the first image is made
+            for item in plan.pending:
+                pipe.check_prompt(item.prompt, size=args.size)
+        written = benchmarks.run(pipe, module, plan, record, settings, progress=progress, desc=where)
+        print(f"{where}: wrote {written} items under {args.out_dir}", flush=True)
+    return 0
+
+
+def _demo(args) -> int:
+    """The web demo (Gradio): a chat that generates, edits and answers questions about pictures."""
+    try:
+        from unipic_jax.demo.app import serve
+    except ImportError as e:
+        print(f"unipic-jax: error: the demo needs Gradio ({e}); install it with: pip install -e \".[demo]\"",
+              file=sys.stderr)
+        return 2
+    serve(args.checkpoint, host=args.host, port=args.port, size=args.size, steps=args.steps, dtype=args.dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unipic-jax", description="Skywork UniPic-1 in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -474,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
     cp.set_defaults(func=_compile)
 
-    def model_args(sp, *, sizes: bool):
+    def model_args(sp, *, sizes: bool, seed_help: str = "random seed (default: a fresh one, printed and stored in "
+                                                           "the PNG)",
+                   overwrite_help: str = "replace existing output files"):
         sp.add_argument("--checkpoint", required=True,
                         help="checkpoint made by `unipic-jax convert`, an official release folder (converted on "
                              "every run) or a Hugging Face Hub id (online only)")
@@ -482,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "fixture folder")
         sp.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint)")
         sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-        sp.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed and stored in the PNG)")
+        sp.add_argument("--seed", type=int, help=seed_help)
         if sizes:
             sp.add_argument("--size", type=int, default=1024, help="image side in pixels, a multiple of 16 "
                                                                   "(default 1024)")
@@ -491,8 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3.0; 1 = no guidance)")
             sp.add_argument("--cfg-schedule", default="constant", choices=("constant", "linear"))
             sp.add_argument("--temperature", type=float, default=1.0, help="diffusion sampling temperature")
+            sp.add_argument("--fast", action="store_true",
+                            help="the fast sampler's preset (a quarter of --steps, annealed diffusion steps "
+                                 "(DiSA), cached guidance (LazyMAR)): other images than the default faithful "
+                                 "sampler; its settings are stored in the metadata")
             sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-            sp.add_argument("--overwrite", action="store_true", help="replace existing output files")
+            sp.add_argument("--overwrite", action="store_true", help=overwrite_help)
 
     gen = sub.add_parser("generate", help="text to image: PNGs with the prompt, seed and settings in their metadata")
     model_args(gen, sizes=True)
@@ -529,6 +572,35 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--top-k", type=int, default=0)
     cap.add_argument("--top-p", type=float, default=1.0)
     cap.set_defaults(func=_caption)
+
+    demo = sub.add_parser("demo", help="a web demo in the browser: chat to generate, edit and ask about pictures")
+    demo.add_argument("--checkpoint", required=True, help="checkpoint made by `unipic-jax convert` or `init`")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine "
+                                                          "only)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    demo.add_argument("--size", type=int, default=1024, help="the size control's first value (default 1024)")
+    demo.add_argument("--steps", type=int, default=32, help="the MAR steps control's first value (default 32)")
+    demo.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the dtype loaded at start (the page can switch; the other loads on first use)")
+    demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval-gen", help="images for GenEval, DPG-Bench, GEdit-Bench or ImgEdit-Bench in the layout "
+                                         "their official scorers read (resumable, shardable)")
+    ev.add_argument("benchmark", choices=("geneval", "dpg", "gedit", "imgedit"))
+    model_args(ev, sizes=True, seed_help="base seed (default 0): image j of item i has seed SEED + i*samples + j",
+               overwrite_help="remake finished items too (default: skip them)")
+    ev.set_defaults(seed=0)  # benchmarks are reproducible
+    ev.add_argument("--input", "--metadata", "--prompts", "--data", "--edits", dest="input", required=True,
+                    help="geneval: --metadata evaluation_metadata.jsonl; dpg: --prompts, the folder of .txt "
+                         "prompts; gedit: --data, a JSONL export of the dataset (see the README); imgedit: "
+                         "--edits basic_edit.json (with --images)")
+    ev.add_argument("--out-dir", required=True, help="where the layout is written (finished items are kept)")
+    ev.add_argument("--samples", type=int, help="images per item (default 4 for geneval and dpg, 1 for the edits)")
+    ev.add_argument("--shard", default="0/1", help="I/N: this process makes the items whose index %% N == I")
+    ev.add_argument("--images", help="imgedit: the folder of the benchmark's original images")
+    ev.add_argument("--model-name", help="gedit: the folder under --out-dir (the scorer's --model_name; "
+                                         "default unipic)")
+    ev.set_defaults(func=_eval_gen)
     return p
 
 

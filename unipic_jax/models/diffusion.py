@@ -12,7 +12,9 @@ the reference does and cast to float32 for use (`Schedule.tables()`), as the ref
 `_extract_into_tensor(...).float()` does. `sample` is the reverse loop (nested `lax.scan`s);
 `training_losses` / `forward_loss` are the MSE + VB training objective. Every random draw is an
 argument, so the reference's recorded draws can be replayed. With `remat=True` every ResBlock is
-rematerialised on its own in the backward pass (`nn.remat`; param names unchanged).
+rematerialised on its own in the backward pass (`nn.remat`; param names unchanged). In bf16 every op
+of the head rounds as the reference's does (layers.py): SiLU once, `x * (1 + scale) + shift` three
+times, the sampler's state stays float32.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unipic_jax.models.layers import Dense
+from unipic_jax.models.layers import Dense, LayerNorm, add, mul, round_to, scalar_div, scalar_mul, silu, sub
 from unipic_jax.sharding import constrain
 
 FREQUENCY_DIM = 256  # sinusoidal timestep features (TimestepEmbedder's default)
@@ -65,7 +67,8 @@ def timestep_features(t: jax.Array, dim: int = FREQUENCY_DIM) -> jax.Array:
 
 
 def _modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    """`x * (1 + scale) + shift`: three ops, each rounded in bf16."""
+    return add(mul(x, add(1, scale)), shift)
 
 
 class TimestepEmbedder(nn.Module):
@@ -76,9 +79,9 @@ class TimestepEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, t):
-        h = timestep_features(t).astype(self.dtype)
+        h = round_to(timestep_features(t), self.dtype)
         h = Dense(self.width, dtype=self.dtype, name="mlp_0")(h)
-        return Dense(self.width, dtype=self.dtype, name="mlp_2")(nn.silu(h))
+        return Dense(self.width, dtype=self.dtype, name="mlp_2")(silu(h))
 
 
 class ResBlock(nn.Module):
@@ -92,20 +95,20 @@ class ResBlock(nn.Module):
 
     def setup(self):
         self.adaLN_modulation_1 = Dense(3 * self.width, dtype=self.dtype)
-        self.in_ln = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype)
+        self.in_ln = LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype)
         self.mlp_0 = Dense(self.width, dtype=self.dtype)
         self.mlp_2 = Dense(self.width, dtype=self.dtype)
 
     def modulation(self, y_nd):
         """(N, width) -> (N, 3·width): [shift | scale | gate]."""
-        return self.adaLN_modulation_1(nn.silu(y_nd))
+        return self.adaLN_modulation_1(silu(y_nd))
 
     def modulated(self, h_nd, mod_nk):
         h_nd = constrain(h_nd, ("batch", "act_embed"))
         shift, scale, gate = jnp.split(mod_nk, 3, axis=-1)
         u = _modulate(self.in_ln(h_nd), shift, scale)
-        u = self.mlp_2(nn.silu(self.mlp_0(u)))
-        return constrain(h_nd + gate * u, ("batch", "act_embed"))
+        u = self.mlp_2(silu(self.mlp_0(u)))
+        return constrain(add(h_nd, mul(gate, u)), ("batch", "act_embed"))
 
     def __call__(self, h_nd, y_nd):
         return self.modulated(h_nd, self.modulation(y_nd))
@@ -124,13 +127,13 @@ class FinalLayer(nn.Module):
 
     def setup(self):
         self.adaLN_modulation_1 = Dense(2 * self.width, dtype=self.dtype)
-        self.norm_final = nn.LayerNorm(epsilon=LN_EPS, use_bias=False, use_scale=False, use_fast_variance=False,
+        self.norm_final = LayerNorm(epsilon=LN_EPS, use_bias=False, use_scale=False, use_fast_variance=False,
                                        dtype=self.dtype)
         self.linear = Dense(self.out_dim, dtype=self.dtype)
 
     def modulation(self, y_nd):
         """(N, width) -> (N, 2·width): [shift | scale]."""
-        return self.adaLN_modulation_1(nn.silu(y_nd))
+        return self.adaLN_modulation_1(silu(y_nd))
 
     def modulated(self, h_nd, mod_nk):
         shift, scale = jnp.split(mod_nk, 2, axis=-1)
@@ -164,11 +167,11 @@ class SimpleMLPAdaLN(nn.Module):
 
     def embed_cond(self, c_nd):
         """Conditions (N, cond_dim) -> (N, width)."""
-        return self.cond_embed(c_nd.astype(self.dtype))
+        return self.cond_embed(round_to(c_nd, self.dtype))
 
     def denoise(self, x_nc, y_nd):
         """The trunk on tokens (N, token_dim) given y = t_emb + c_emb (N, width)."""
-        h = self.input_proj(x_nc.astype(self.dtype))
+        h = self.input_proj(round_to(x_nc, self.dtype))
         y_nd = constrain(y_nd, ("batch", "act_embed"))  # rows like h (ResBlock), so mod is never gathered
         for block in self.res_blocks:
             h = block(h, y_nd)
@@ -183,13 +186,13 @@ class SimpleMLPAdaLN(nn.Module):
         """`denoise` given `modulations(y)` instead of y: the same numbers. `denoise` stays the
         path of training: `nn.remat` wraps a ResBlock's `__call__`, which recomputes its
         modulation in the backward pass instead of keeping it."""
-        h = self.input_proj(x_nc.astype(self.dtype))
+        h = self.input_proj(round_to(x_nc, self.dtype))
         for block, mod in zip(self.res_blocks, mods):
             h = block.modulated(h, mod)
         return self.final_layer.modulated(h, mods[-1])
 
     def __call__(self, x_nc, t, c_nd):
-        return self.denoise(x_nc, self.embed_time(t) + self.embed_cond(c_nd))
+        return self.denoise(x_nc, add(self.embed_time(t), self.embed_cond(c_nd)))
 
     def forward_with_cfg(self, x_nc, t, c_nd, cfg):
         """The reference `forward_with_cfg`: the net on [cond half of x; cond half of x] with
@@ -203,10 +206,10 @@ def guide(out_nk, cfg, token_dim: int):
     """Classifier-free guidance of net outputs on rows [cond; uncond]: both halves get
     ε_u + cfg·(ε_c − ε_u); the variance channels keep each half's own values. The combination
     runs in the outputs' dtype (bf16 under the bf16 policy, as with the reference's constant
-    schedule, where `cfg` is a Python float)."""
+    schedule, where `cfg` is a Python float): three ops, each rounded, cfg itself unrounded."""
     eps, rest = out_nk[:, :token_dim], out_nk[:, token_dim:]
     eps_cond, eps_uncond = jnp.split(eps, 2)
-    eps_guided = eps_uncond + jnp.asarray(cfg, out_nk.dtype) * (eps_cond - eps_uncond)
+    eps_guided = add(eps_uncond, scalar_mul(sub(eps_cond, eps_uncond), cfg))
     return jnp.concatenate([jnp.concatenate([eps_guided, eps_guided]), rest], axis=1)
 
 
@@ -374,8 +377,8 @@ def _p_mean_log_variance(tables: DiffusionTables, t, x_nc, eps_nc, v_nc):
     """Mean (from ε, no clipping) and LEARNED_RANGE log variance of p(x_{t-1} | x_t)."""
     min_log = _at(tables.posterior_log_variance_clipped, t)
     max_log = _at(tables.log_betas, t)
-    frac = (v_nc + 1) / 2
-    log_var = frac * max_log + (1 - frac) * min_log
+    frac = scalar_div(add(v_nc, 1), 2)  # in the net's dtype (bf16: each op rounds), as the reference
+    log_var = frac * max_log + sub(1, frac) * min_log
     x0 = _at(tables.sqrt_recip_alphas_cumprod, t) * x_nc - _at(tables.sqrt_recipm1_alphas_cumprod, t) * eps_nc
     mean = _at(tables.posterior_mean_coef1, t) * x0 + _at(tables.posterior_mean_coef2, t) * x_nc
     return mean, log_var
@@ -409,7 +412,7 @@ def steps_per_chunk(num_steps: int, num_rows: int) -> int:
 
 
 def sample(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_init, step_noise_tnc,
-           *, temperature, cfg=1.0, guided: bool):
+           *, temperature, cfg=1.0, guided: bool, unroll: bool = False):
     """DiffLoss.sample: the reverse chain over the spaced steps T-1 ... 0.
 
     z_nd: conditions (N, cond_dim), rows [cond; uncond] when `guided`. noise_init: x_T draw,
@@ -422,6 +425,8 @@ def sample(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_i
     The adaLN modulations depend on (t, z) only, not on x: they are computed for a chunk of K
     steps at once (`steps_per_chunk`; one (K·N, width) product per block instead of K products
     of N rows, the same numbers), then the K steps of the chain run on them (nested scans).
+    `unroll=True` unrolls both scans (the same arithmetic; for XLA's cost analysis, which counts a
+    loop body once).
     """
     variables = {"params": params}
     x = jnp.asarray(noise_init, jnp.float32)
@@ -445,15 +450,82 @@ def sample(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_i
 
     def steps_of_chunk(x_nc, xs):
         js, noise_knc = xs
-        y_knd = t_emb[js][:, None] + c_emb[None]
+        y_knd = add(t_emb[js][:, None], c_emb[None])
         mods = model.apply(variables, y_knd.reshape(chunk * rows, -1), method=SimpleMLPAdaLN.modulations)
         mods = tuple(m.reshape(chunk, rows, -1) for m in mods)
-        return jax.lax.scan(step, x_nc, (js, noise_knc, mods))[0], None
+        return jax.lax.scan(step, x_nc, (js, noise_knc, mods), unroll=unroll or 1)[0], None
 
     steps = jnp.arange(num_steps - 1, -1, -1).reshape(-1, chunk)
     noise = jnp.asarray(step_noise_tnc, jnp.float32)
-    x, _ = jax.lax.scan(steps_of_chunk, x, (steps, noise.reshape((-1, chunk) + noise.shape[1:])))
+    x, _ = jax.lax.scan(steps_of_chunk, x, (steps, noise.reshape((-1, chunk) + noise.shape[1:])),
+                        unroll=unroll or 1)
     return x
+
+
+# The most steps a `sample_dynamic` chunk batches (its traced length is cut into whole chunks plus
+# single steps, so a longer chunk leaves more single steps): 10 reaches the batched products'
+# efficiency on a CPU from 50 rows up and keeps the single-step tail short.
+DYNAMIC_CHUNK_STEPS = 10
+
+
+def dynamic_chunk(num_rows: int) -> int:
+    """Steps per chunk of `sample_dynamic`: K·num_rows <= MODULATION_CHUNK_ROWS, 1 <= K <= 10."""
+    return max(1, min(DYNAMIC_CHUNK_STEPS, MODULATION_CHUNK_ROWS // max(num_rows, 1)))
+
+
+def sample_dynamic(model: SimpleMLPAdaLN, params, tables: DiffusionTables, num_steps, z_nd, noise_init,
+                   step_noise_tnc, *, temperature, cfg=1.0, guided: bool, static_steps: int | None = None):
+    """`sample` over the first `num_steps` (traced) entries of padded tables: one program for every
+    chain length up to the tables' length T_max (the fast sampler's annealed step counts).
+
+    tables: a respaced schedule of `num_steps` steps, each table padded to T_max entries.
+    step_noise_tnc (T_max, N, C): entry i is the draw of reverse step i (spaced step
+    num_steps-1-i); entries from num_steps on are unused. The chain runs num_steps // K chunks of
+    K = `dynamic_chunk(N)` steps, the modulations of a chunk in one product as in `sample`, then
+    the num_steps % K remaining steps one by one: nothing is computed beyond num_steps. The results
+    equal `sample`'s up to the products' rounding. `static_steps` (a Python int equal to
+    `num_steps`) unrolls every loop, for XLA's cost analysis.
+    """
+    variables = {"params": params}
+    x = jnp.asarray(noise_init, jnp.float32)
+    if guided:
+        x = jnp.concatenate([x, x])
+    c_emb = model.apply(variables, z_nd, method=SimpleMLPAdaLN.embed_cond)
+    t_emb = model.apply(variables, tables.timestep_map, method=SimpleMLPAdaLN.embed_time)  # (T_max, width)
+    rows, token_dim = x.shape
+    noise = jnp.asarray(step_noise_tnc, jnp.float32)
+    chunk = dynamic_chunk(rows)
+    unroll = static_steps is not None
+
+    def step(x_nc, xs):
+        j, noise_nc, mods = xs
+        x_in = jnp.concatenate([x_nc[: rows // 2]] * 2) if guided else x_nc
+        out = model.apply(variables, x_in, mods, method=SimpleMLPAdaLN.denoise_modulated)
+        if guided:
+            out = guide(out, cfg, token_dim)
+        mean, log_var = _p_mean_log_variance(tables, j, x_nc, out[:, :token_dim], out[:, token_dim:])
+        nonzero = (j != 0).astype(jnp.float32)
+        return mean + nonzero * jnp.exp(0.5 * log_var) * noise_nc * temperature, None
+
+    def steps_from(first, k: int, x_nc):
+        """Reverse steps first .. first+k-1 (loop indices), their modulations in one product."""
+        js = num_steps - 1 - (first + jnp.arange(k))
+        y_knd = t_emb[js][:, None] + c_emb[None]
+        mods = model.apply(variables, y_knd.reshape(k * rows, -1), method=SimpleMLPAdaLN.modulations)
+        mods = tuple(m.reshape(k, rows, -1) for m in mods)
+        noise_knc = jax.lax.dynamic_slice_in_dim(noise, first, k)
+        return jax.lax.scan(step, x_nc, (js, noise_knc, mods), unroll=unroll or 1)[0]
+
+    if unroll:
+        full, rest = divmod(static_steps, chunk)
+        for c in range(full):
+            x = steps_from(c * chunk, chunk, x)
+        for i in range(full * chunk, static_steps):
+            x = steps_from(i, 1, x)
+        return x
+    full = num_steps // chunk
+    x = jax.lax.fori_loop(0, full, lambda c, x_nc: steps_from(c * chunk, chunk, x_nc), x)
+    return jax.lax.fori_loop(full * chunk, num_steps, lambda i, x_nc: steps_from(i, 1, x_nc), x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,6 +155,7 @@ class _PredictPlan:
     predicted_slots: int
     guided: bool
     capture: bool
+    unroll: bool = False  # the diffusion loop unrolled: the same numbers, for XLA's cost analysis
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def _predict(model: UniPic, plan: _PredictPlan, params, tables, tokens_blc, z_se
     masked, mask_len = counts[0], counts[1]
     predicted_bp = _select(orders_bl, mask_len, masked, plan.predicted_slots)
     sampled = diffusion.sample(head_module(model), params["diffusion_head"], tables, z_sel, noise_init,
-                               step_noise, temperature=temperature, cfg=cfg, guided=plan.guided)
+                               step_noise, temperature=temperature, cfg=cfg, guided=plan.guided, unroll=plan.unroll)
     cond_blc = _scatter_rows(tokens_blc[:batch], predicted_bp, masked - mask_len, sampled[: batch * plan.predicted_slots])
     tokens_blc = _both_halves(cond_blc, plan.guided)
     return tokens_blc, (dict(z_sel=z_sel, sampled=sampled) if plan.capture else None)
@@ -356,7 +357,7 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
                cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
                key: Optional[jax.Array] = None, draws: Optional[Draws] = None, x_con_bsd=None,
                buckets: Buckets = DEFAULT_BUCKETS, prompt_bucket: int = 64, capture: bool = False,
-               on_step: Optional[Callable[[int, jax.Array], None]] = None) -> Sample:
+               on_step: Optional[Callable[[int, jax.Array], None]] = None, fast=None) -> Sample:
     """`SkyworkUnipic.sample` on prompt embeddings (the shared sampler of T2I and editing).
 
     prompt_embeds_bld (rows, L, D), prompt_mask_bl (rows, L) 1 = valid, right padded; rows are
@@ -369,7 +370,21 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
     after the residual, `z_dec` (rows, m*n, decoder_dim), `z_sel` / `sampled` (the diffusion rows,
     cond then uncond); the normal path computes none of these. `on_step(index, tokens)` is called
     after each MAR step with the (rows, m*n, C) tokens (a progress hook; it may block on them).
+
+    `fast` (None / False: this faithful sampler) selects the fast sampler (`sampling/fast.py`):
+    True for its `FAST` preset, or a `fast.FastSettings`; it does less work than the reference
+    and so gives other images.
     """
+    if fast is not None and fast is not False:
+        from unipic_jax.sampling import fast as fast_sampler
+
+        if capture:
+            raise ValueError("capture records the faithful sampler's steps; it cannot be used with `fast`")
+        return fast_sampler.sample(model, params, prompt_embeds_bld, prompt_mask_bl,
+                                   settings=fast_sampler.resolve(fast), image_shape=image_shape, num_iter=num_iter,
+                                   cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, key=key,
+                                   draws=draws, x_con_bsd=x_con_bsd, buckets=buckets, prompt_bucket=prompt_bucket,
+                                   on_step=on_step)
     length = prompt_embeds_bld.shape[1]
     embeds_bld, mask_bl = pad_prompt(jnp.asarray(prompt_embeds_bld), prompt_mask_bl,
                                      bucket_length(length, prompt_bucket))
