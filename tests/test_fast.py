@@ -197,7 +197,7 @@ def test_each_switch_compiles_once_per_configuration(loaded, settings, grid):
     case finds programs compiled by another.)"""
     model, params = loaded
     kwargs = dict(image_shape=grid, num_iter=6, cfg=2.5, fast=settings, buckets=t2i.Buckets(2, 2))
-    before_fast, before_t2i = dict(fast.TRACES), dict(t2i.TRACES)
+    before_fast = dict(fast.TRACES)
     t2i.text_to_image(model, params, *_prompt(2, 5, 6), key=jax.random.key(0), **kwargs)
     traced = {k: v - before_fast.get(k, 0) for k, v in fast.TRACES.items() if v != before_fast.get(k, 0)}
     steps = fast.plan(settings, 12, 6, model.config.diffusion, guided=True)
