@@ -240,6 +240,29 @@ def test_fast_is_deterministic_and_injectable(loaded):
         t2i.text_to_image(model, params, ids, mask, draws=short, **kwargs)
 
 
+def test_edit_and_unguided_calls(loaded):
+    """Editing (the source's x_con on the canvas, cond rows only on lazy steps) and cfg == 1 (no
+    unconditional rows: no cache) run every switch; a repeated edit gives the same image."""
+    model, params = loaded
+    rng = np.random.default_rng(10)
+    source = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    image_id = model.config.tokens.image
+    row = [1, 2, 3] + [image_id] * (16 + model.config.buffer_size) + [4, 5]
+    ids = np.array([row, row[:3] + row[3:-2] + [6, 7]])
+    mask = np.ones(ids.shape, bool)
+    settings = fast.FastSettings(disa=fast.DiSA(25, 5), lazy_cfg=fast.LazyCFG(1, 2))
+    assert {p.mode for p in fast.plan(settings, 16, 4, model.config.diffusion, guided=True)} == {"plain", "fresh",
+                                                                                                 "lazy"}
+    kwargs = dict(num_iter=4, cfg=3.0, fast=settings, key=jax.random.key(4))
+    a = t2i.edit(model, params, source, ids, mask, **kwargs)
+    b = t2i.edit(model, params, source, ids, mask, **kwargs)
+    assert a.images.shape == (1, 64, 64, 3) and np.all(np.isfinite(np.asarray(a.images)))
+    np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
+    unguided = t2i.text_to_image(model, params, *_prompt(1, 5, 11), image_shape=(4, 4), num_iter=4, cfg=1.0,
+                                 fast=ALL, key=jax.random.key(0))
+    assert unguided.tokens.shape[0] == 1 and np.all(np.isfinite(np.asarray(unguided.images)))
+
+
 def test_all_switches_off_is_the_faithful_arithmetic(loaded):
     """`FastSettings()` runs the fast programs with nothing skipped: the faithful result up to the
     chain's rounding (the modulations per step instead of per chunk), on the same key."""

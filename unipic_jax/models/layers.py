@@ -67,6 +67,12 @@ def _opmath(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def rounds(dtype) -> bool:
+    """True for dtypes narrower than float32 (bf16): where the rule rounds. A module branches on
+    it only where torch orders an op differently from the float32 path, which must not change."""
+    return jnp.dtype(dtype).itemsize < 4
+
+
 def round_to(x, dtype):
     """`x` rounded to `dtype` (to nearest even): the one rounding of a torch op's result. For bf16
     by `lax.reduce_precision` first, which XLA keeps where it may drop a bare conversion (see the
@@ -76,12 +82,6 @@ def round_to(x, dtype):
         info = jnp.finfo(dtype)
         x = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     return x.astype(dtype)
-
-
-def rounds(dtype) -> bool:
-    """True for dtypes narrower than float32 (bf16): where the rule rounds. A module branches on
-    it only where torch orders an op differently from the float32 path, which must not change."""
-    return jnp.dtype(dtype).itemsize < 4
 
 
 # ---------------------------------------------------------------------------------------------
