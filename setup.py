@@ -10,6 +10,7 @@ setup(
         "jax==0.10.2",
         "jaxlib==0.10.2",
         "flax==0.12.8",
+        "qwix==0.1.8",  # weight-only int8/int4 quantization (unipic_jax/quant.py)
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
         "chex==0.1.92",

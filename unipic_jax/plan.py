@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -115,6 +115,58 @@ def plan(abstract: PyTree, mesh: str | Mapping[str, int], *, train: bool = False
 
 def _gib(n: int) -> str:
     return f"{n / GIB:9.3f} GiB"
+
+
+def lora_state(abstract: PyTree, rank: int, alpha: float, modules: Optional[str] = None, *,
+               frozen: Sequence[str] = TRAIN_FROZEN, quantize: Optional[str] = None, stage=None) -> str:
+    """Report lines: the training state of full fine-tuning (float32 params, AdamW m and v, EMA of
+    every param outside `frozen`) against LoRA (`quant.lora_rules`): the base weights frozen (in
+    float32 as `train` keeps them, or `quantize`d: QLoRA, float32 scales) plus float32 adapters with their m, v and EMA. Whole model.
+    With `stage` (a stage config), both use the stage's trainable set (`optim.trainable` minus
+    `optim.frozen`, as `train` does) instead of `frozen`."""
+    from unipic_jax import quant
+
+    rules = quant.lora_rules(rank, alpha, modules or quant.LORA_MODULES)
+    if stage is None:
+        adapters = quant.lora_shapes(abstract, rules)
+        trainable = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+                     if jax.tree_util.keystr(path[:1], simple=True) not in frozen]
+    else:
+        from unipic_jax.train import lora, optim
+
+        adapters = lora.adapter_shapes(abstract, stage, lora.Settings(rank, alpha, modules or quant.LORA_MODULES))
+        mask = optim.trainable_mask(abstract, tuple(stage.optim.trainable), tuple(stage.optim.get("frozen", ())))
+        trainable = [x for x, t in zip(jax.tree.leaves(abstract), jax.tree.leaves(mask)) if t]
+    full_state = 4 * sum(quant.leaf_bytes(jax.ShapeDtypeStruct(x.shape, np.float32)) for x in trainable)
+    adapter_bytes = quant.tree_bytes(adapters)
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), abstract)  # as `train` holds it
+    base_bytes = quant.tree_bytes(quant.quantize_params(base, quantize))
+    count = sum(int(np.prod(x.shape)) for pair in adapters.values() for x in pair)
+    lines = [f"LoRA rank {rank}, alpha {alpha:g} on {len(adapters)} kernels ({modules or quant.LORA_MODULES}"
+             f"{', trained by stage ' + stage.stage if stage is not None else ''}): {count:,} adapter params",
+             f"{'full fine-tuning: params, m, v, ema (float32)':<52}{_gib(full_state):>16}",
+             f"{'LoRA trainable: adapters, m, v, ema (float32)':<52}{_gib(4 * adapter_bytes):>16}"
+             f"   {4 * adapter_bytes / full_state:.2%} of full",
+             f"{'LoRA frozen base weights (' + (quantize or 'float32') + ')':<52}{_gib(base_bytes):>16}"]
+    return "\n".join(lines)
+
+
+def quantized_weights(abstract: PyTree, quantize: str, dtype=jax.numpy.bfloat16) -> str:
+    """The inference weights' bytes (whole model, in `dtype`) against the same weights under
+    `unipic_jax.quant.RULES[quantize]` (int values and scales), per component, as report lines."""
+    from unipic_jax import quant
+
+    full = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
+    quantized = quant.quantize_params(full, quantize)
+    name = np.dtype(dtype).name
+    lines = [f"weights for inference: {name} against --quantize {quantize} (weight-only; whole model, "
+             f"int4 packed two to a byte)", f"{'component':<30}{name:>16}{quantize:>16}{'ratio':>9}"]
+    for comp in full:
+        a, b = quant.tree_bytes(full[comp]), quant.tree_bytes(quantized[comp])
+        lines.append(f"{comp:<30}{_gib(a):>16}{_gib(b):>16}{b / a:>9.1%}")
+    a, b = quant.tree_bytes(full), quant.tree_bytes(quantized)
+    lines.append(f"{'total':<30}{_gib(a):>16}{_gib(b):>16}{b / a:>9.1%}   {b:,} B")
+    return "\n".join(lines)
 
 
 def format_spec(spec: PartitionSpec) -> str:

@@ -10,7 +10,8 @@
   warmup_start_factor, weight_decay, grad_clip, b1, b2, eps, trainable, frozen, ema_decay},
   data {gen_resolution, und_resolution, batch_size/max_length/buckets per task, answer_slots,
   cfg_drop_prob, edit_uncond_prob, edit_layout, seed, num_threads, workers,
-  max_consecutive_corrupt, tfds_data_dir, fields}, checkpoint {every, keep, async_save}.
+  max_consecutive_corrupt, tfds_data_dir, fields}, checkpoint {every, keep, async_save}, lora
+  {rank, alpha, modules, quantize} (rank 0: no LoRA; see unipic_jax/train/lora.py).
 
 `arg` is "key=value,key=value" over a few shortcuts: steps (total_steps), batch (global batch,
 split over the tasks by the stage's ratios), lr, seed, tokenizer, init_from, dtype.
@@ -31,6 +32,7 @@ import math
 import ml_collections
 
 from configs import unipic_1p5b
+from unipic_jax.quant import LORA_MODULES
 
 # All stages except PT train these top-level modules. The VAE stays frozen; SigLIP2 and
 # siglip2_proj never receive gradients in the reference (its AdamW skips them), so they are left
@@ -89,6 +91,10 @@ def stage_config(stage: str, *, lr: float, schedule: str, weight_decay: float, w
         answer_slots=answer_length, cfg_drop_prob=0.1, edit_uncond_prob=0.0, edit_layout="train",
         seed=0, num_threads=8, workers=0, max_consecutive_corrupt=100, tfds_data_dir="", fields={})
     c.checkpoint = dict(every=1000, keep=3, async_save=True)
+    # LoRA (unipic_jax/train/lora.py): rank 0 = full training; alpha None = 2 x rank; modules a
+    # module-path regex (default: the LLM's attention/MLP and MAR's blocks); quantize int8/int4 =
+    # a quantized frozen base (QLoRA).
+    c.lora = dict(rank=0, alpha=None, modules=LORA_MODULES, quantize="")
     return c
 
 

@@ -56,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax.linen import normalization
 from jax import lax
 
@@ -100,11 +101,20 @@ def linear(x, kernel, bias=None, *, dtype: Dtype | None = None, precision=None, 
     rounded once to `dtype` (default: the operands' common dtype).
 
     `fused=False`: torch's `F.linear` on a non-contiguous input (a permuted view) is a matmul,
-    rounded, then an in-place bias add, rounded again (no difference in float32)."""
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    rounded, then an in-place bias add, rounded again (no difference in float32).
+
+    A `qwix.QArray` kernel (weight-only int8/int4, made by `unipic_jax.quant`) is multiplied by
+    `qwix.dot_general` (dequantized to the compute dtype, summed in float32); the rest is as above.
+    A plain array takes exactly the unquantized path."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if isinstance(kernel, qwix.QArray):
+        x, bias = nn.dtypes.promote_dtype(x, bias, dtype=dtype if dtype is not None else
+                                          jnp.result_type(x, kernel.scale))
+        y = qwix.dot_general(x, kernel, dims, precision=precision, preferred_element_type=_opmath(x.dtype))
+    else:
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+        y = lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=_opmath(x.dtype))
     acc = _opmath(x.dtype)
-    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
-                        preferred_element_type=acc)
     if bias is None:
         return round_to(y, x.dtype)
     bias = jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

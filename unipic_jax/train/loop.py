@@ -28,6 +28,10 @@ next older one; once an older step restores, the damaged ones are moved to
 `fold_in(key(seed), s)`, so a resumed run draws what the uninterrupted one would have: on the CPU
 every later loss is bitwise the same.
 
+LoRA (`config.lora.rank` >= 1, train/lora.py): the state's params are the adapters alone (so are
+its optimizer state, EMA and checkpoints); the frozen base is the step's fourth argument, and the
+run records it in `<workdir>/lora.json` so that a resume and a merge read the same base.
+
 Metrics go to the console (a tqdm bar), to `<workdir>/metrics.jsonl` (one JSON object per logged
 step) and to TensorBoard event files in `<workdir>/tb/` (tensorboardX). A run resumed from step S
 first drops the lines of steps after S from metrics.jsonl (logged before the kill, logged again
@@ -53,8 +57,10 @@ import numpy as np
 import optax
 
 from convert.io import write_file
+from unipic_jax import quant
 from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
 from unipic_jax.train import data as data_lib
+from unipic_jax.train import lora as lora_lib
 from unipic_jax.train import losses, optim
 
 log = logging.getLogger(__name__)
@@ -266,13 +272,29 @@ class Trainer:
                             remat=remat == "blocks")
         if params is None:
             params = self._initial_params()
-        self.tx, self.trainable, self.schedule = optim.make_optimizer(config.optim, params, config.total_steps)
+        # LoRA (train/lora.py): the state's params are the adapters; the frozen base is an extra,
+        # never donated, argument of the step (`self.extra_args`).
+        self.lora = lora_lib.settings(config)
+        self.base, self.extra_args, optim_cfg = None, (), config.optim
+        if self.lora is not None:
+            if state_sharding is not None:
+                raise ValueError("LoRA training runs on one device for now: leave out --mesh")
+            self.base = lora_lib.prepare_base(params, self.lora)
+            self.extra_args = (self.base,)
+            params = lora_lib.init_adapters(params, config, self.lora)
+            optim_cfg = lora_lib.optim_config(config.optim, params)
+        self.tx, self.trainable, self.schedule = optim.make_optimizer(optim_cfg, params, config.total_steps)
         self.ema_decay = config.optim.get("ema_decay") or None
         self.initial_params = params
         self.weights = {t: float(config.loss_weights[t]) for t in data_lib.active_tasks(config)}
-        self.train_step = make_train_step(
-            self.model, self.tx, self.trainable, self.schedule, self.weights, ema_decay=self.ema_decay,
-            answer_slots=config.data.answer_slots, remat=remat == "components")
+        if self.lora is None:
+            self.train_step = make_train_step(
+                self.model, self.tx, self.trainable, self.schedule, self.weights, ema_decay=self.ema_decay,
+                answer_slots=config.data.answer_slots, remat=remat == "components")
+        else:
+            self.train_step = lora_lib.make_train_step(
+                self.model, self.tx, self.schedule, self.weights, self.lora.scale, ema_decay=self.ema_decay,
+                answer_slots=config.data.answer_slots, remat=remat == "components")
         self.batch_sharding = batch_sharding or jax.device_put
         self.state_sharding = state_sharding
         # With a state sharding the step keeps the state where it is (inputs carry theirs).
@@ -382,12 +404,12 @@ class Trainer:
         """One jitted step (compiled ahead of time per batch shape); returns its FLOPs too."""
         signature = tuple(sorted((t, k, np.shape(v)) for t, b in batch.items() for k, v in b.items()))
         if signature not in self._compiled:
-            compiled = self._jitted.lower(state, batch, rng).compile()
+            compiled = self._jitted.lower(state, batch, rng, *self.extra_args).compile()
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             self._compiled[signature] = (compiled, float((cost or {}).get("flops", 0.0)))
         compiled, flops = self._compiled[signature]
-        new_state, metrics = compiled(state, batch, rng)
+        new_state, metrics = compiled(state, batch, rng, *self.extra_args)
         return new_state, metrics, flops
 
     def run(self, workdir, sources: Mapping[str, Any], *, tokenizer=None, stop_at: Optional[int] = None,
@@ -407,6 +429,10 @@ class Trainer:
         cfg = self.config
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        lora_record = None if self.lora is None else lora_lib.record(
+            cfg, self.lora, len(quant.lora_paths(self.initial_params)))
+        if checkpoints:
+            lora_lib.check_resume(workdir, lora_record)  # the same base and adapters, or a one-line error
         tokenizer = tokenizer or load_tokenizer(cfg, workdir)
         sources = data_lib.resolve_sources(sources, workdir, cfg)
         dataset = data_lib.make_dataset(cfg, tokenizer, sources, process_index=jax.process_index(),
@@ -422,6 +448,8 @@ class Trainer:
             raise
         if state is None:
             state = self.init_state()
+            if lora_record is not None:  # before config.json: a run with a config is a run
+                lora_lib.write_record(workdir, lora_record)
             text = cfg.to_json_best_effort(indent=2).encode()  # atomically: `runs.is_run` reads it
             write_file(workdir / "config.json", lambda f: f.write(text), overwrite=True)
         else:
@@ -674,6 +702,7 @@ _CHECKS = [  # (key, test, what the value must be)
 
 _MISSING = object()
 _OPTIONAL = ("remat", "peak_flops", "model.dtype", "optim.warmup_start_factor", "optim.ema_decay")  # read with .get
+# The `lora` section is checked by `lora_lib.problems` (absent in configs older than it).
 
 
 def _lookup(config, key: str):
@@ -687,7 +716,8 @@ def _lookup(config, key: str):
 
 def validate(config) -> None:
     """Check a stage config's values (ranges, choices, at least one task to train, image sides
-    that fit the latent grid) before anything is built; one ValueError lists every problem."""
+    that fit the latent grid, the `lora` section: `lora_lib.problems`) before anything is built;
+    one ValueError lists every problem."""
     problems = []
     for key, ok, want in _CHECKS:
         value = _lookup(config, key)
@@ -704,6 +734,8 @@ def validate(config) -> None:
         for key in ("data.gen_resolution", "data.und_resolution"):
             if _lookup(config, key) % stride:
                 problems.append(f"{key}={_lookup(config, key)} must be a multiple of {stride} pixels")
+    if not problems:
+        problems += lora_lib.problems(config)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
 
@@ -718,7 +750,12 @@ def train_main(config_spec: str, data_spec: str, workdir: str, overrides: Sequen
     sources = data_lib.parse_data_spec(data_spec)
     data_lib.check_sources(sources, data_lib.tfds_data_dir(config, workdir))
     trainer = Trainer(config)
-    log.info("training %s: %d of %d params trainable", config.stage,
-             optim.count_params(trainer.initial_params, trainer.trainable),
-             optim.count_params(trainer.initial_params))
+    if trainer.lora is not None:
+        log.info("training %s with LoRA rank %d, alpha %g: %d adapter params on %d kernels, %d base params frozen",
+                 config.stage, trainer.lora.rank, trainer.lora.alpha, optim.count_params(trainer.initial_params),
+                 len(quant.lora_paths(trainer.initial_params)), optim.count_params(trainer.base))
+    else:
+        log.info("training %s: %d of %d params trainable", config.stage,
+                 optim.count_params(trainer.initial_params, trainer.trainable),
+                 optim.count_params(trainer.initial_params))
     return trainer.run(workdir, sources, progress=progress)

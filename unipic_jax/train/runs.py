@@ -8,6 +8,9 @@ A run (`unipic_jax.train.loop.Trainer.run`) leaves
                                     data iterator
     WORKDIR/tokenizer/              the byte-level stand-in tokenizer of tiny configs (if made)
 
+    WORKDIR/lora.json               LoRA runs only: rank, alpha, modules and the base (train/lora.py);
+                                    their "state" holds the adapters alone
+
 `read_run` restores only the weights it returns (never the optimizer state), into targets derived
 with `jax.eval_shape` from the run's model config, and skips a damaged newest step with a warning.
 """
@@ -24,7 +27,9 @@ import jax
 import ml_collections
 
 from convert.core import flatten, unflatten
+from unipic_jax import quant
 from unipic_jax.checkpoint import CheckpointError, _first_line, _tuples
+from unipic_jax.train import lora
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -154,7 +159,8 @@ def read_run(workdir: str | os.PathLike, weights: str = "ema", step: int | None 
     """A run's weights -> (model config, params, tokenizer folder or None, step).
 
     `weights`: "ema" (default; the EMA of the trainable params, the frozen ones as they are) or
-    "params" (the raw weights). `step`: a saved step, else the newest intact one; a newest step
+    "params" (the raw weights); of a LoRA run, the base merged with those adapters
+    (`quant.lora_merge`: base + A @ B * alpha / rank). `step`: a saved step, else the newest intact one; a newest step
     that cannot be read is skipped with a warning naming it. The model config is config.json's
     "model" section (lists turned back into tuples); the params are restored onto the first device
     into shapes derived from it with `jax.eval_shape`. The tokenizer folder is WORKDIR/tokenizer,
@@ -170,6 +176,15 @@ def read_run(workdir: str | os.PathLike, weights: str = "ema", step: int | None 
                               f"{CHECKPOINTS_DIR}/ folder)")
     model_config = _model_config(root, doc)
     shapes = _param_shapes(root, model_config)
+    record = lora.read_record(root)
+    if record is not None:  # a LoRA run stores the adapters alone: restore them, merge onto the base
+        settings = lora.Settings(int(record["rank"]), float(record["alpha"]), record["modules"],
+                                 record.get("quantize") or "")
+        stage = ml_collections.ConfigDict({"optim": _tuples(doc.get("optim") or {})})
+        try:
+            shapes = lora.adapter_tree_shapes(shapes, stage, settings)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{root / CONFIG_FILE}: unusable LoRA settings ({_first_line(e)})") from None
     steps = run_steps(root)
     if not steps:
         raise CheckpointError(f"{root / CHECKPOINTS_DIR}: no saved step")
@@ -191,5 +206,8 @@ def read_run(workdir: str | os.PathLike, weights: str = "ema", step: int | None 
             warnings.warn(f"{root / CHECKPOINTS_DIR}: step {s} is damaged, falling back to an earlier "
                           f"step ({e})")
             continue
+        if record is not None:
+            base = lora.prepare_base(lora.read_base(record, model_config), settings)
+            params = quant.lora_merge(base, params, settings.scale)
         return model_config, params, _tokenizer_dir(root, doc), s
     raise CheckpointError(f"{root / CHECKPOINTS_DIR}: no intact step ({'; '.join(failures)})")
