@@ -4,6 +4,7 @@ The fixtures are copied from the official PyTorch reference runs (tests/fixtures
 UNIPIC_FIXTURES to run the same tests on another fixture set (other sizes and seeds).
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +21,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_num_cpu_devices", 8)
 
 FIXTURE_ROOT = Path(os.environ.get("UNIPIC_FIXTURES", Path(__file__).parent / "fixtures"))
+
+# Tests that compile for TPU topologies need libtpu (`pip install "jax[tpu]==0.10.2"`; CI has none and
+# skips them). libtpu admits one process per host and keeps its lock until the process exits, so with
+# libtpu installed run them in one process: `python -m pytest -p no:xdist tests/test_aot.py
+# tests/test_attention.py` (under `-n 2` the second worker to ask for it fails on the lock).
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu not installed (pip install "jax[tpu]==0.10.2")')
 
 
 @pytest.fixture(scope="session")

@@ -6,20 +6,17 @@ libtpu (`pip install "jax[tpu]==0.10.2"`): one small compile of the tiny train s
 2x2 slice through the command, and an HBM overflow reported in one line.
 """
 
-import importlib.util
 
 import jax
 import numpy as np
 import pytest
-from conftest import FIXTURE_ROOT
+from conftest import FIXTURE_ROOT, HAS_LIBTPU, needs_libtpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.stages import image_tokens, smoke
 from unipic_jax import aot, cli, sharding
 from unipic_jax.train import data, loop
 
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu not installed (pip install "jax[tpu]==0.10.2")')
 
 
 @pytest.mark.parametrize("name, want", [

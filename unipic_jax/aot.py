@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from unipic_jax import distributed, sharding
+from unipic_jax.models import attention
 
 PyTree = Any
 GIB = 2 ** 30
@@ -254,21 +255,31 @@ def train_program(config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Program:
 
 def sampler_programs(model_config, mesh: Mesh, *, batch: int, resolution: int, num_iter: int = 32,
                      cfg: float = 3.0, prompt_length: int = 64, dtype: str = "bfloat16",
-                     rules=sharding.DEFAULT_RULES) -> list[Program]:
+                     rules=sharding.DEFAULT_RULES, quantize: Optional[str] = None) -> list[Program]:
     """The text-to-image sampler's heaviest per-step programs (`sampling.t2i`) for `batch` images
     at `resolution` px: the conditioning pass (MAR encoder on the most visible tokens + LLM on the
     prompt cache + MAR decoder) and the diffusion head's chain on the most predicted tokens.
-    Params float32 (as stored), placed by `param_shardings`; rows and the KV cache over the batch."""
+    Params float32 (as stored), placed by `param_shardings`; rows and the KV cache over the batch.
+    `quantize` ("int8", "int4"): the weights as `from_pretrained(quantize=...)` holds them
+    (`unipic_jax.quant`); the quantized kernels (values and scales) are replicated."""
     import jax.numpy as jnp
 
     from unipic_jax.models.qwen2 import KVCache
-    from unipic_jax.models.unipic import UniPic, UniPicConfig, param_shapes
+    from unipic_jax.models.unipic import UniPic, UniPicConfig, cast_params, param_shapes
     from unipic_jax.sampling import t2i
     from unipic_jax.sampling.schedule import mask_schedule
 
     config = UniPicConfig.from_config(model_config)
     model = UniPic(config, jnp.dtype(dtype))
-    params = sharding.sharded_abstract(param_shapes(config), mesh, rules)
+    # The weights as `from_pretrained` holds them: cast to the compute dtype once at load.
+    shapes = jax.eval_shape(lambda p: cast_params(p, model.dtype), param_shapes(config))
+    params = sharding.sharded_abstract(shapes, mesh, rules)
+    if quantize is not None:
+        from unipic_jax import quant
+
+        params = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                              jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=distributed.replicated(mesh)),
+                              quant.quantize_params(params, quantize))
     side = resolution // (config.mar.vae_stride * config.mar.patch_size)
     grid, num_tokens = (side, side), side * side
     guided = cfg != 1.0
@@ -326,6 +337,7 @@ class Report:
     flops: float
     bytes_accessed: float
     collectives: dict[str, int]
+    kernels: dict[str, int]
     parts: dict[str, int]
     notes: list[str]
 
@@ -356,12 +368,23 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return counts
 
 
+def count_kernels(lowered_text: str) -> dict[str, int]:
+    """Custom kernels (Pallas / Mosaic) in a lowered program, by kernel name: the attention kernels
+    `models/attention.py` picked for the target."""
+    counts: dict[str, int] = {}
+    for name in re.findall(r'kernel_name\s*=\s*"([^"]+)"', lowered_text):
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def compile_program(program: Program) -> Report:
     """Lower and compile `program`; raises `CompileOOM` (one line) when it does not fit in HBM."""
     start = time.perf_counter()
     try:
         mesh = program.mesh
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh else contextlib.nullcontext():
+        platform = mesh.devices.flat[0].platform if mesh else jax.default_backend()
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh else contextlib.nullcontext(), \
+                attention.target(platform):  # the target's attention kernel, not the host's
             lowered = program.jitted.lower(*program.static, *program.args)
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError, raised by libtpu's compiler
@@ -378,7 +401,8 @@ def compile_program(program: Program) -> Report:
         output=memory.output_size_in_bytes, alias=memory.alias_size_in_bytes, temp=memory.temp_size_in_bytes,
         peak=getattr(memory, "peak_memory_in_bytes", None), generated_code=memory.generated_code_size_in_bytes,
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        collectives=count_collectives(compiled.as_text()), parts=dict(program.parts), notes=list(program.notes))
+        collectives=count_collectives(compiled.as_text()), kernels=count_kernels(lowered.as_text()),
+        parts=dict(program.parts), notes=list(program.notes))
 
 
 def _gib(n: float) -> str:
@@ -391,11 +415,13 @@ def format_report(r: Report) -> str:
              f"- alias {_gib(r.alias)} + temp {_gib(r.temp)}"
              + (f"; XLA peak estimate {_gib(r.peak)}" if r.peak else "")]
     if r.parts:
-        lines.append("  arguments per chip (from the shardings): "
+        lines.append("  inputs per chip, whole (the program reads the parts it uses): "
                      + ", ".join(f"{k} {_gib(v)}" for k, v in r.parts.items()))
     lines.append(f"  flops per chip {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g} "
                  f"(XLA counts a loop body once, not once per trip)")
     lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in r.collectives.items()))
+    if r.kernels:
+        lines.append("  kernels: " + ", ".join(f"{k} x{v}" for k, v in r.kernels.items()))
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)
 
@@ -443,10 +469,13 @@ def stage_for_compile(stage: str, model_config=None, *, batch: Optional[int] = N
 def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train: bool = False,
                     stage: str = "sft", batch: Optional[int] = None, resolution: Optional[int] = None,
                     und_resolution: Optional[int] = None, num_iter: int = 32, dtype: str = "bfloat16",
-                    num_slices: int = 1, echo: Callable[[str], None] = print) -> list[Report]:
+                    num_slices: int = 1, echo: Callable[[str], None] = print,
+                    quantize: Optional[str] = None) -> list[Report]:
     """What `unipic-jax compile` runs: build the topology and mesh, compile the train step (`train`)
     or the sampler's heaviest step programs, and `echo` each report. Raises `AotUnavailable`,
     `CompileOOM` (the first program that does not fit) or ValueError (bad names or sizes)."""
+    if train and quantize:
+        raise ValueError("--quantize compiles the sampler (weight-only inference), not --train")
     spec = parse_topology(topology, num_slices)
     devices = topology_devices(spec)
     grid = topology_mesh(spec, mesh, devices)
@@ -463,9 +492,10 @@ def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train
         programs = [train_program(config, grid)]
     else:
         side = resolution or 1024
-        echo(f"sampler: {batch or 1} image(s) at {side} px, {num_iter} MAR steps, compute {dtype}")
+        echo(f"sampler: {batch or 1} image(s) at {side} px, {num_iter} MAR steps, compute {dtype}"
+             + (f", {quantize} weights" if quantize else ""))
         programs = sampler_programs(model_config, grid, batch=batch or 1, resolution=side, num_iter=num_iter,
-                                    dtype=dtype)
+                                    dtype=dtype, quantize=quantize)
     reports = []
     for program in programs:
         report = compile_program(program)

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unipic_jax.models.layers import Dense, LayerNorm, add, gelu, round_to, scaled_dot_product_attention
+from unipic_jax.models import attention
+from unipic_jax.models.layers import Dense, LayerNorm, add, gelu, round_to
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -93,7 +94,7 @@ def _dense(features: int, dtype: Dtype, name: Optional[str] = None) -> Dense:
 
 class Attention(nn.Module):
     """timm Attention: fused qkv (rows [q | k | v], heads contiguous in each), no mask; the core is
-    `F.scaled_dot_product_attention` (`layers.scaled_dot_product_attention`)."""
+    `F.scaled_dot_product_attention`, computed by the platform's kernel (`attention.attend`)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -114,8 +115,9 @@ class Attention(nn.Module):
         if query_bq is not None:
             q_bnlh = jnp.take_along_axis(q_bnlh, query_bq[:, None, :, None], axis=2)
             l = query_bq.shape[1]
-        dropout = lambda w: nn.Dropout(self.attn_dropout)(w, deterministic)
-        out_bnqh = scaled_dot_product_attention(q_bnlh, k_bnlh, v_bnlh, key_mask_bl, dropout)
+        active = self.attn_dropout > 0 and not deterministic
+        dropout = (lambda w: nn.Dropout(self.attn_dropout)(w, deterministic)) if active else None
+        out_bnqh = attention.attend(q_bnlh, k_bnlh, v_bnlh, key_mask_bl, dropout)
         out_bqnh = jnp.swapaxes(out_bnqh, 1, 2)
         out_bld = _dense(d, self.dtype, "proj")(out_bqnh.reshape(b, l, d))
         return nn.Dropout(self.proj_dropout)(out_bld, deterministic)

@@ -11,6 +11,10 @@ UniPic drives the LLM through three cache calls, all with static shapes:
   * `peek`: run new tokens against [valid cached keys ; new tokens (causal among them)] without
     writing anything -- what the reference gets by truncating its cache after every MAR step;
   * `decode`: the same attention, then append the new K/V at the cache length (text generation).
+Each call's mask is structure, not a dense (B, T, S) array (`attention.CausalKeyMask`: cache
+validity, causal among the new tokens, new-token validity), so that `attention.attend_gqa` can
+hand it to a TPU kernel; the kernel is chosen by platform there (on CPU: the eager arithmetic
+described here, the parity path).
 `__call__` is the plain cache-free forward (parity, training). RMSNorm statistics, RoPE cos/sin and
 the attention softmax are float32 whatever the compute `dtype`; in bf16 every op rounds as the
 reference's (transformers' eager attention) does (layers.py). With `remat=True` every decoder
@@ -28,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unipic_jax.models.layers import Dense, add, einsum, mul, round_to, scalar_mul, silu
+from unipic_jax.models import attention
+from unipic_jax.models.attention import CausalKeyMask
+from unipic_jax.models.layers import Dense, add, mul, round_to, silu
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -168,18 +174,19 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2Attention(nn.Module):
-    """Grouped-query attention over [past keys ; new keys] under a boolean mask (B, T, S)."""
+    """Grouped-query attention over [past keys ; new keys] (`attention.attend_gqa`: the kernel
+    is chosen by platform there)."""
 
     config: Qwen2Config
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, cos_btk, sin_btk, mask_bts, past_k_bskd=None, past_v_bskd=None):
+    def __call__(self, x_btd, cos_btk, sin_btk, mask, past_k_bskd=None, past_v_bskd=None):
         """Returns the attention output (B, T, D) and this call's (k, v), each (B, T, kv_heads,
-        head_dim), for the caller to cache. `mask_bts` covers the past keys then the new ones."""
+        head_dim), for the caller to cache. `mask` covers the past keys then the new ones: an
+        `attention.CausalKeyMask`, or a dense (B, T, S) bool array."""
         cfg = self.config
         b, t, _ = x_btd.shape
-        groups = cfg.num_heads // cfg.num_kv_heads
 
         def project(heads, name, bias=True):
             y = Dense(heads * cfg.head_dim, use_bias=bias, dtype=self.dtype, name=name)(x_btd)
@@ -193,14 +200,9 @@ class Qwen2Attention(nn.Module):
             keys = jnp.concatenate([past_k_bskd.astype(self.dtype), k_btkd], axis=1)
             values = jnp.concatenate([past_v_bskd.astype(self.dtype), v_btkd], axis=1)
 
-        # Query head h = kv_head * groups + g reads KV head `kv_head`; K/V are never repeated.
-        q_btkgd = q_bthk.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        # transformers' eager attention: the product rounds, the scaled scores round again.
-        scores = scalar_mul(einsum("btkgd,bskd->bkgts", q_btkgd, keys), cfg.head_dim ** -0.5)
-        scores = jnp.where(mask_bts[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = round_to(jax.nn.softmax(scores, axis=-1), self.dtype)
-        out_btkgd = einsum("bkgts,bskd->btkgd", probs, values)
-        out_btd = out_btkgd.reshape(b, t, cfg.num_heads * cfg.head_dim)
+        # Query head h = kv_head * groups + g reads KV head `kv_head`.
+        out_bthk = attention.attend_gqa(q_bthk, keys, values, mask, self.dtype)
+        out_btd = out_bthk.reshape(b, t, cfg.num_heads * cfg.head_dim)
         out_btd = Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, name="o_proj")(out_btd)
         return out_btd, (k_btkd, v_btkd)
 
@@ -212,11 +214,11 @@ class Qwen2DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, cos_btk, sin_btk, mask_bts, past_k_bskd=None, past_v_bskd=None):
+    def __call__(self, x_btd, cos_btk, sin_btk, mask, past_k_bskd=None, past_v_bskd=None):
         eps = self.config.rms_eps
         x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
         h, kv = Qwen2Attention(self.config, self.dtype, name="self_attn")(
-            RMSNorm(eps, self.dtype, name="input_layernorm")(x_btd), cos_btk, sin_btk, mask_bts,
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x_btd), cos_btk, sin_btk, mask,
             past_k_bskd, past_v_bskd)
         x_btd = add(x_btd, h)
         x_btd = add(x_btd, Qwen2MLP(self.config, self.dtype, name="mlp")(
@@ -224,11 +226,7 @@ class Qwen2DecoderLayer(nn.Module):
         return constrain(x_btd, ("batch", "length", "act_embed")), kv
 
 
-RematDecoderLayer = nn.remat(Qwen2DecoderLayer)  # every argument is an array (or None)
-
-
-def _causal(t: int) -> jax.Array:
-    return jnp.tril(jnp.ones((t, t), bool))
+RematDecoderLayer = nn.remat(Qwen2DecoderLayer)  # every argument is a pytree of arrays (or None)
 
 
 class Qwen2(nn.Module):
@@ -262,14 +260,15 @@ class Qwen2(nn.Module):
             out = self.lm_head(h_btd)
         return out.astype(jnp.float32)
 
-    def _stack(self, x_btd, positions_bt, mask_bts, cache, return_hidden_states, return_logits):
-        """Every layer, then the final norm. With `cache`, layer i attends to [cache.k[i] ; new]."""
+    def _stack(self, x_btd, positions_bt, mask, cache, return_hidden_states, return_logits):
+        """Every layer, then the final norm. With `cache`, layer i attends to [cache.k[i] ; new]
+        under `mask` (an `attention.CausalKeyMask`)."""
         cos, sin = rope_cos_sin(positions_bt, self.inv_freq)
         x_btd = round_to(x_btd, self.dtype)
         hidden, new_k, new_v = [x_btd], [], []
         for i, layer in enumerate(self.layers):
             past = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-            x_btd, (k, v) = layer(x_btd, cos, sin, mask_bts, *past)
+            x_btd, (k, v) = layer(x_btd, cos, sin, mask, *past)
             hidden.append(x_btd)
             new_k.append(k)
             new_v.append(v)
@@ -286,7 +285,7 @@ class Qwen2(nn.Module):
                  *, return_hidden_states: bool = False, return_logits: bool = False) -> Qwen2Output:
         """Cache-free forward of embeddings `x_btd` at `positions_bt`: causal attention, with
         `key_mask_bt` (B, T) (1 = valid) hiding padded keys; None = all valid."""
-        out, _, _ = self._stack(x_btd, positions_bt, self._prompt_mask(x_btd, key_mask_bt), None,
+        out, _, _ = self._stack(x_btd, positions_bt, CausalKeyMask(new_valid_bt=key_mask_bt), None,
                                 return_hidden_states, return_logits)
         return out
 
@@ -294,14 +293,6 @@ class Qwen2(nn.Module):
                        **kwargs) -> Qwen2Output:
         """`__call__` on the embeddings of token ids (B, T)."""
         return self(self.embed(ids_bt), positions_bt, key_mask_bt, **kwargs)
-
-    @staticmethod
-    def _prompt_mask(x_btd, key_mask_bt):
-        b, t, _ = x_btd.shape
-        mask_bts = jnp.broadcast_to(_causal(t), (b, t, t))
-        if key_mask_bt is not None:
-            mask_bts = mask_bts & key_mask_bt.astype(bool)[:, None, :]
-        return mask_bts
 
     def prefill(self, cache: KVCache, x_btd: jax.Array, positions_bt: jax.Array,
                 key_mask_bt: jax.Array | None = None, *, return_hidden_states: bool = False,
@@ -314,7 +305,7 @@ class Qwen2(nn.Module):
         b, t, _ = x_btd.shape
         if t > cache.max_len:
             raise ValueError(f"prompt of {t} tokens does not fit a cache of {cache.max_len} slots")
-        out, k, v = self._stack(x_btd, positions_bt, self._prompt_mask(x_btd, key_mask_bt), None,
+        out, k, v = self._stack(x_btd, positions_bt, CausalKeyMask(new_valid_bt=key_mask_bt), None,
                                 return_hidden_states, return_logits)
         valid_bt = jnp.ones((b, t), bool) if key_mask_bt is None else key_mask_bt.astype(bool)
         cache = KVCache(
@@ -325,11 +316,6 @@ class Qwen2(nn.Module):
         )
         return out, cache
 
-    def _cached_mask(self, cache: KVCache, t: int) -> jax.Array:
-        b = cache.valid.shape[0]
-        past = jnp.broadcast_to(cache.valid[:, None, :], (b, t, cache.max_len))
-        return jnp.concatenate([past, jnp.broadcast_to(_causal(t), (b, t, t))], axis=-1)
-
     def peek(self, cache: KVCache, x_btd: jax.Array, positions_bt: jax.Array, *,
              return_hidden_states: bool = False, return_logits: bool = False) -> Qwen2Output:
         """Run new tokens (B, l, D) after the cache, leaving the cache untouched.
@@ -337,26 +323,28 @@ class Qwen2(nn.Module):
         Token i attends to every valid cached slot and to new tokens 0..i. This is one MAR step
         of the reference (its cache grows and is then truncated back to the prompt).
         """
-        out, _, _ = self._stack(x_btd, positions_bt, self._cached_mask(cache, x_btd.shape[1]), cache,
+        out, _, _ = self._stack(x_btd, positions_bt, CausalKeyMask(cache.valid), cache,
                                 return_hidden_states, return_logits)
         return out
 
-    def decode(self, cache: KVCache, x_btd: jax.Array, positions_bt: jax.Array, *,
-               return_hidden_states: bool = False, return_logits: bool = False
-               ) -> tuple[Qwen2Output, KVCache]:
+    def decode(self, cache: KVCache, x_btd: jax.Array, positions_bt: jax.Array,
+               key_mask_bt: jax.Array | None = None, *, return_hidden_states: bool = False,
+               return_logits: bool = False) -> tuple[Qwen2Output, KVCache]:
         """`peek`, then append the new K/V at slots [length, length + l) and mark them valid.
 
-        The caller keeps `length + l <= cache.max_len` (a write past the end would be clamped).
+        `key_mask_bt` (B, l), 1 = valid, hides new padded tokens from the others and leaves
+        their slots invalid (None: all valid). The caller keeps `length + l <= cache.max_len`
+        (a write past the end would be clamped).
         """
-        t = x_btd.shape[1]
-        out, k, v = self._stack(x_btd, positions_bt, self._cached_mask(cache, t), cache,
+        b, t, _ = x_btd.shape
+        out, k, v = self._stack(x_btd, positions_bt, CausalKeyMask(cache.valid, key_mask_bt), cache,
                                 return_hidden_states, return_logits)
         at = (0, 0, cache.length, 0, 0)
+        valid_bt = jnp.ones((b, t), bool) if key_mask_bt is None else key_mask_bt.astype(bool)
         cache = KVCache(
             k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
             v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
-            valid=jax.lax.dynamic_update_slice(cache.valid, jnp.ones((cache.valid.shape[0], t), bool),
-                                               (0, cache.length)),
+            valid=jax.lax.dynamic_update_slice(cache.valid, valid_bt, (0, cache.length)),
             length=cache.length + t,
         )
         return out, cache

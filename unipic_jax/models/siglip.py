@@ -11,7 +11,9 @@ pixels (B, S, S, C) in [-1, 1]
 The position table is used at its native size only (UniPic feeds 512 px to a 512 px tower); any
 other input size is an error rather than a silent interpolation. Norm statistics and softmax run in
 float32 whatever the compute `dtype`; in bf16 every op rounds as the reference's (transformers'
-eager attention, torch's nn.MultiheadAttention) does (layers.py). With `remat=True` every encoder
+eager attention, torch's nn.MultiheadAttention) does (layers.py). The encoder's self-attention
+takes its kernel from `attention.attend` (that arithmetic on CPU, fused or Pallas kernels on GPU
+and TPU); the MAP head's one probe query keeps its own. With `remat=True` every encoder
 layer is rematerialised on its own in the backward pass (`nn.remat`; param names unchanged).
 """
 
@@ -25,6 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from unipic_jax.models import attention
 from unipic_jax.models.layers import Conv, Dense, LayerNorm, add, einsum, gelu, linear, round_to, rounds, scalar_mul
 from unipic_jax.sharding import constrain
 
@@ -117,7 +120,10 @@ class SiglipAttention(nn.Module):
         q_bthk, k_bthk, v_bthk = (
             _split_heads(Dense(cfg.hidden_size, dtype=self.dtype, name=name)(x_btd), cfg.num_heads)
             for name in ("q_proj", "k_proj", "v_proj"))
-        o_bthk = _attention(q_bthk, k_bthk, v_bthk, self.dtype)
+        # The kernel is chosen by platform (`attention.attend`); the reference path is `_attention`.
+        swap = lambda x: jnp.swapaxes(x, 1, 2)
+        o_bthk = swap(attention.attend(swap(q_bthk), swap(k_bthk), swap(v_bthk),
+                                       reference=lambda: swap(_attention(q_bthk, k_bthk, v_bthk, self.dtype))))
         o_btd = o_bthk.reshape(x_btd.shape[:2] + (cfg.hidden_size,))
         return Dense(cfg.hidden_size, dtype=self.dtype, name="out_proj")(o_btd)
 
