@@ -79,6 +79,24 @@ def image_file(path: Path, where: str) -> Path:
     return path
 
 
+def jsonl_objects(path, want: str):
+    """(where, object, the line stripped) for each non-blank line of a JSON-lines file, `where`
+    being "PATH:LINE"; a line that is not JSON, or not a JSON object, is a ValueError naming it
+    and `want`."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: want {want}")
+            yield where, record, line.strip()
+
+
 def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -18,7 +18,6 @@ Input, since nothing is downloaded here: a JSONL file, one object per dataset re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from unipic_jax.eval import common
@@ -32,30 +31,21 @@ def read(source: Path, out_dir: Path, *, samples: int, model_name: str | None = 
     common.check_samples(samples, "gedit", allowed=1)
     root = out_dir / common.plain_name(model_name or DEFAULT_MODEL_NAME, "--model-name", "the model name") / "fullset"
     items = []
-    with open(source, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{source}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: want an object (key, task_type, instruction_language, instruction, image)")
-            key, task, language = (common.plain_name(record.get(k), where, k)
-                                   for k in ("key", "task_type", "instruction_language"))
-            images = {}
-            for field in ("image", "source_image"):
-                value = record.get(field, record.get("image"))
-                if not isinstance(value, str) or not value:
-                    raise ValueError(f'{where}: want an "image" path')
-                images[field] = common.image_file(source.parent / value, where)
-            folder = root / task / language
-            items.append(common.Item(index=len(items), name=f"{task}/{language}/{key}",
-                                     prompt=common.text(record.get("instruction"), where, "instruction"),
-                                     outputs=[folder / f"{key}.png", folder / f"{key}_SRCIMG.png"],
-                                     image=images["image"], extra={"source_image": images["source_image"]}))
+    for where, record, _ in common.jsonl_objects(
+            source, "an object (key, task_type, instruction_language, instruction, image)"):
+        key, task, language = (common.plain_name(record.get(k), where, k)
+                               for k in ("key", "task_type", "instruction_language"))
+        images = {}
+        for field in ("image", "source_image"):
+            value = record.get(field, record.get("image"))
+            if not isinstance(value, str) or not value:
+                raise ValueError(f'{where}: want an "image" path')
+            images[field] = common.image_file(source.parent / value, where)
+        folder = root / task / language
+        items.append(common.Item(index=len(items), name=f"{task}/{language}/{key}",
+                                 prompt=common.text(record.get("instruction"), where, "instruction"),
+                                 outputs=[folder / f"{key}.png", folder / f"{key}_SRCIMG.png"],
+                                 image=images["image"], extra={"source_image": images["source_image"]}))
     return items
 
 

@@ -12,7 +12,6 @@ an item is finished when its metadata file and every sample exist.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from unipic_jax.eval import common
@@ -25,22 +24,12 @@ def read(source: Path, out_dir: Path, *, samples: int, **_) -> list[common.Item]
     """The non-blank lines of `evaluation_metadata.jsonl`, each an object with a "prompt"."""
     common.check_samples(samples, "geneval")
     items = []
-    with open(source, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{source}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f'{where}: want an object with a "prompt" string')
-            folder = out_dir / f"{len(items):05d}"
-            outputs = [folder / "samples" / f"{j:04d}.png" for j in range(samples)] + [folder / "metadata.jsonl"]
-            prompt = common.text(record.get("prompt"), where)
-            items.append(common.Item(index=len(items), name=folder.name, prompt=prompt, outputs=outputs,
-                                     extra={"line": line.strip()}))
+    for where, record, line in common.jsonl_objects(source, 'an object with a "prompt" string'):
+        folder = out_dir / f"{len(items):05d}"
+        outputs = [folder / "samples" / f"{j:04d}.png" for j in range(samples)] + [folder / "metadata.jsonl"]
+        prompt = common.text(record.get("prompt"), where)
+        items.append(common.Item(index=len(items), name=folder.name, prompt=prompt, outputs=outputs,
+                                 extra={"line": line}))
     return items
 
 

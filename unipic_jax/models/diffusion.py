@@ -510,7 +510,7 @@ def sample_dynamic(model: SimpleMLPAdaLN, params, tables: DiffusionTables, num_s
     def steps_from(first, k: int, x_nc):
         """Reverse steps first .. first+k-1 (loop indices), their modulations in one product."""
         js = num_steps - 1 - (first + jnp.arange(k))
-        y_knd = t_emb[js][:, None] + c_emb[None]
+        y_knd = add(t_emb[js][:, None], c_emb[None])
         mods = model.apply(variables, y_knd.reshape(k * rows, -1), method=SimpleMLPAdaLN.modulations)
         mods = tuple(m.reshape(k, rows, -1) for m in mods)
         noise_knc = jax.lax.dynamic_slice_in_dim(noise, first, k)
