@@ -185,14 +185,14 @@ def test_a_file_made_while_sampling_is_kept(ckpt, tmp_path, monkeypatch, capsys)
     from unipic_jax.api import UniPicPipeline
 
     out = tmp_path / "fox.png"
-    generate = UniPicPipeline.generate
+    call = UniPicPipeline.__call__  # what `generate` samples with
 
-    def racing_generate(self, *args, **kwargs):
-        result = generate(self, *args, **kwargs)
+    def racing_call(self, *args, **kwargs):
+        result = call(self, *args, **kwargs)
         out.write_bytes(b"the other process's picture")
         return result
 
-    monkeypatch.setattr(UniPicPipeline, "generate", racing_generate)
+    monkeypatch.setattr(UniPicPipeline, "__call__", racing_call)
     assert cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", "a fox", *FAST, "--out", str(out)]) == 0
     assert "appeared while sampling" in capsys.readouterr().err
     assert out.read_bytes() == b"the other process's picture"

@@ -136,6 +136,28 @@ def test_resize_pos_embed_matches_torch_interpolate(src, dst, buffer):
     assert np.max(np.abs(got[:, buffer:] - ref_image)) <= 1e-6 * np.max(np.abs(ref_image))
 
 
+@pytest.mark.parametrize("dst", [(2, 4), (4, 2), (3, 7), (6, 1), (9, 5)])
+@pytest.mark.parametrize("name", ["encoder_pos_embed_learned", "decoder_pos_embed_learned",
+                                  "diffusion_pos_embed_learned"])
+def test_learned_tables_at_non_square_grids_match_torch(name, dst):
+    """The fixture MAR's own tables (native 4x4 grid) at the non-square grids of any aspect ratio
+    (height/16 x width/16), against `F.interpolate(bilinear, align_corners=False)` as the MAR's
+    `forward_mae_encoder/decoder` call it. Bound: the project's forward-pass bound, 1e-4 x max|ref|
+    in float32 (README "First run"): the resize is one step of the MAR forward, and any grid bug
+    (transposed axes, swapped height/width, wrong source pixel) moves entries by O(max|ref|), far
+    above it; the kernel itself agrees to a few float32 ulps (the test above)."""
+    buffer = 0 if name.startswith("diffusion") else _config().buffer_size
+    table = np.asarray(FX.weights[name], np.float32)
+    src = _config().grid
+    got = np.asarray(resize_pos_embed(jnp.asarray(table), src, dst))
+    image = torch.from_numpy(table[:, buffer:]).reshape(1, *src, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(image, size=dst, mode="bilinear", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, dst[0] * dst[1], -1).numpy()
+    np.testing.assert_array_equal(got[:, :buffer], table[:, :buffer])
+    err, bound = np.max(np.abs(got[:, buffer:] - ref)), 1e-4 * np.max(np.abs(ref))
+    assert err <= bound, f"{name} at {dst}: max abs error {err:.3e} over the bound {bound:.3e}"
+
+
 def test_resize_pos_embed_native_grid_is_identity():
     table = jnp.arange(2 * (3 + 16) * 4, dtype=jnp.float32).reshape(2, 19, 4)[:1]
     assert resize_pos_embed(table, (4, 4), (4, 4)) is table

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -83,6 +82,17 @@ def _stand_in_tokenizer(config, folder: Path) -> Path:
     return prompts.write_byte_tokenizer(folder, vocab_size=vocab, eos_id=tokens.eos, pad_id=tokens.pad)
 
 
+def _say_lora_merge(workdir: Path) -> None:
+    """For a LoRA run (its lora.json): say which adapters were merged onto which base."""
+    from unipic_jax.train import lora
+
+    doc = lora.read_record(workdir)
+    if doc is not None:
+        base = doc["base"].get("init_from") or f"the random init of seed {doc['base'].get('seed')}"
+        print(f"  merged its LoRA adapters (rank {doc['rank']}, alpha {doc['alpha']:g}, {doc['kernels']} kernels) "
+              f"onto {base}" + (f" ({doc['quantize']})" if doc.get("quantize") else ""), flush=True)
+
+
 def _convert(args) -> int:
     import tempfile
 
@@ -100,6 +110,7 @@ def _convert(args) -> int:
                 raise ValueError("--config: a training workdir stores its own model config; leave it out")
             config, params, tokenizer, step = runs.read_run(src, weights=args.weights)
             print(f"read the {args.weights} params of step {step} of the run in {src}", flush=True)
+            _say_lora_merge(src)
         elif src.is_dir() and _is_fixture(src):
             from safetensors.numpy import load_file
 
@@ -158,6 +169,7 @@ def _export(args) -> int:
     if runs.is_run(src):
         config, params, tokenizer, step = runs.read_run(src, weights=args.weights)
         print(f"read the {args.weights} params of step {step} of the run in {src}", flush=True)
+        _say_lora_merge(src)
     else:
         config, params = checkpoint.load(src)
         tokenizer = checkpoint.tokenizer_dir(src)
@@ -174,6 +186,23 @@ def _plan(args) -> int:
     abstract = plan.abstract_params(_model_config(args.config))
     p = plan.plan(abstract, args.mesh, train=args.train, frozen=frozen)
     print(plan.format_plan(p, top=args.top, title=args.config + (" --train" if args.train else "")))
+    if args.quantize:
+        print("\n" + plan.quantized_weights(abstract, args.quantize))
+    if args.lora:
+        if not args.train:
+            raise ValueError("--lora plans training state: add --train")
+        rank, _, alpha = args.lora.partition(":")
+        try:
+            rank, alpha = int(rank), float(alpha or 2 * int(rank))
+        except ValueError:
+            raise ValueError(f"--lora {args.lora!r}: expected RANK or RANK:ALPHA, e.g. 16 or 16:32") from None
+        stage = None
+        if args.stage:
+            from unipic_jax.train.loop import load_stage_config
+
+            stage = load_stage_config(args.stage)
+        print("\n" + plan.lora_state(abstract, rank, alpha, args.lora_modules, frozen=frozen,
+                                     quantize=args.quantize, stage=stage))
     return 0
 
 
@@ -202,7 +231,7 @@ def _compile(args) -> int:
         aot.compile_command(args.topology, model_config=_model_config(args.config), mesh=args.mesh, train=args.train,
                             stage=args.stage, batch=args.batch, resolution=args.resolution,
                             und_resolution=args.und_resolution, num_iter=args.num_iter, dtype=args.dtype,
-                            num_slices=args.num_slices)
+                            num_slices=args.num_slices, quantize=args.quantize)
     except aot.AotUnavailable as e:
         print(f"unipic-jax: error: {e}", file=sys.stderr)
         return 2
@@ -216,7 +245,8 @@ def _pipeline(args):
     from unipic_jax.api import UniPicPipeline
 
     config = _model_config(args.config) if args.config else None
-    return UniPicPipeline.from_pretrained(args.checkpoint, dtype=args.dtype, config=config, tokenizer=args.tokenizer)
+    return UniPicPipeline.from_pretrained(args.checkpoint, dtype=args.dtype, config=config, tokenizer=args.tokenizer,
+                                          quantize=getattr(args, "quantize", None))
 
 
 def _peek(args):
@@ -244,28 +274,21 @@ def _read_prompts(path: str, base_seed: int) -> list[dict]:
     """A .jsonl file, one {"prompt": TEXT, "seed": N (optional), "name": STEM (optional)} per line
     -> [{"prompt", "seed", "stem"}]; line i without a seed (or with null) gets `base_seed + i`."""
     from unipic_jax.api import check_seed
+    from unipic_jax.eval.common import jsonl_objects
 
     jobs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                job = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            if not isinstance(job, dict) or not isinstance(job.get("prompt"), str):
-                raise ValueError(f'{where}: want an object with a "prompt" string')
-            if not job["prompt"].strip():
-                raise ValueError(f"{where}: empty prompt")
-            seed = job.get("seed")
-            try:
-                seed = check_seed(base_seed + len(jobs) if seed is None else seed)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            name = _plain_name(job["name"], where) if "name" in job else f"{len(jobs):05d}"
-            jobs.append(dict(prompt=job["prompt"], seed=seed, stem=name))
+    for where, job, _ in jsonl_objects(path, 'an object with a "prompt" string'):
+        if not isinstance(job.get("prompt"), str):
+            raise ValueError(f'{where}: want an object with a "prompt" string')
+        if not job["prompt"].strip():
+            raise ValueError(f"{where}: empty prompt")
+        seed = job.get("seed")
+        try:
+            seed = check_seed(base_seed + len(jobs) if seed is None else seed)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        name = _plain_name(job["name"], where) if "name" in job else f"{len(jobs):05d}"
+        jobs.append(dict(prompt=job["prompt"], seed=seed, stem=name))
     if not jobs:
         raise ValueError(f"{path}: no prompts")
     return jobs
@@ -334,14 +357,24 @@ def _generate(args) -> int:
         jobs = [dict(prompt=args.prompt, seed=base)]
         targets = [_numbered(Path(args.out), args.batch)]
     _check_outputs(targets, args.overwrite)
-    check_sampling(_peek(args), size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature,
-                   batch=args.batch)
+    height = args.size if args.height is None else args.height
+    width = args.size if args.width is None else args.width
+    check_sampling(_peek(args), size=args.size, height=height, width=width, steps=args.steps, cfg=args.cfg,
+                   temperature=args.temperature, batch=args.batch)
+    if args.negative_prompt is not None and not args.negative_prompt.strip():
+        raise ValueError("empty negative prompt: give some text")
+    if args.negative_prompt is not None and args.cfg == 1.0:
+        raise ValueError("--negative-prompt needs guidance (--cfg other than 1)")
     pipe = _pipeline(args)
     settings = _sampling_settings(args)
     for job in jobs:  # every prompt is tokenised and checked before the first image is made
-        pipe.check_prompt(job["prompt"], size=args.size)
+        pipe.check_prompt(job["prompt"], size=height, width=width)
     for job, paths in zip(jobs, targets):
-        for image, path in zip(pipe.generate(job["prompt"], seed=job["seed"], batch=args.batch, **settings), paths):
+        out = pipe(job["prompt"], height=height, width=width, num_inference_steps=settings["steps"],
+                   guidance_scale=settings["cfg"], guidance_schedule=settings["cfg_schedule"],
+                   temperature=settings["temperature"], seed=job["seed"], num_images_per_prompt=args.batch,
+                   negative_prompt=args.negative_prompt, progress=settings["progress"], fast=settings["fast"])
+        for image, path in zip(out.images, paths):
             print(f"{_save(image, path, args.overwrite)}  (seed {job['seed']})", flush=True)
     return 0
 
@@ -357,8 +390,15 @@ def _edit(args) -> int:
     _check_outputs([[out]], args.overwrite)
     check_sampling(_peek(args), size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature)
     source = images.load_image(args.image)
+    if args.negative_prompt is not None and not args.negative_prompt.strip():
+        raise ValueError("empty negative prompt: give some text")
+    if args.keep_aspect:  # the shape the edit will have, checked before the model loads
+        height, width = images.fit_to_budget(*source.size, args.size * args.size)
+        check_sampling(_peek(args), height=height, width=width, steps=args.steps, cfg=args.cfg,
+                       temperature=args.temperature)
     pipe = _pipeline(args)
-    edited = pipe.edit(source, args.prompt, seed=seed, **_sampling_settings(args))
+    edited = pipe.edit(source, args.prompt, seed=seed, keep_aspect=args.keep_aspect,
+                       negative_prompt=args.negative_prompt, **_sampling_settings(args))
     print(f"{_save(edited, out, args.overwrite)}  (seed {edited.info['seed']})", flush=True)
     return 0
 
@@ -469,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--frozen", default="vae,siglip2",
                     help="components without optimizer state or EMA under --train (default: vae,siglip2)")
     pl.add_argument("--top", type=int, default=10, help="replicated / unsplit params to list (default 10)")
+    pl.add_argument("--quantize", choices=("int8", "int4"),
+                    help="also the inference weights' bytes in bfloat16 against this weight-only quantization")
+    pl.add_argument("--lora", metavar="RANK[:ALPHA]",
+                    help="with --train: the training state of LoRA adapters (alpha default 2 x rank) against "
+                         "full fine-tuning; with --quantize the frozen base is quantized (QLoRA)")
+    pl.add_argument("--lora-modules", metavar="REGEX",
+                    help="module paths that get adapters (default: the LLM's attention and MLP, MAR's blocks)")
+    pl.add_argument("--stage", metavar="NAME",
+                    help="with --lora: the stage (pt, align, ct, sft) whose trainable params full fine-tuning "
+                         "and the adapters cover, as `train` does (default: every component outside --frozen)")
     pl.set_defaults(func=_plan)
 
     tr = sub.add_parser("train", help="train a stage (pt, align, ct, sft, smoke) with resumable checkpoints")
@@ -509,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--und-resolution", type=int, help="with --train: understanding image side (default the stage's)")
     cp.add_argument("--num-iter", type=int, default=32, help="sampler MAR steps (default 32)")
     cp.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
+    cp.add_argument("--quantize", choices=("int8", "int4"),
+                    help="the sampler with weight-only quantized weights (not with --train)")
     cp.set_defaults(func=_compile)
 
     def model_args(sp, *, sizes: bool, seed_help: str = "random seed (default: a fresh one, printed and stored in "
@@ -521,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "fixture folder")
         sp.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint)")
         sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+        sp.add_argument("--quantize", choices=("int8", "int4"),
+                        help="weight-only quantization of the LLM's, MAR's and SigLIP2's blocks at load (less "
+                             "memory, other numbers; default: none, the faithful model)")
         sp.add_argument("--seed", type=int, help=seed_help)
         if sizes:
             sp.add_argument("--size", type=int, default=1024, help="image side in pixels, a multiple of 16 "
@@ -544,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompts", metavar="FILE.jsonl",
                       help='one {"prompt": ..., "seed": N, "name": STEM} per line (seed and name optional)')
     gen.add_argument("--batch", type=int, default=1, help="images per prompt (files OUT-0.png, OUT-1.png, ...)")
+    gen.add_argument("--height", type=int, help="image height in pixels, a multiple of 16 (default --size)")
+    gen.add_argument("--width", type=int, help="image width in pixels, a multiple of 16 (default --size)")
+    gen.add_argument("--negative-prompt", help='replaces the guidance prompt "Generate an image." by "Generate an '
+                                               'image: TEXT" (default: the released guidance prompt)')
     gen.add_argument("--out", default="out.png", help="output image for --prompt: .png (default out.png), .jpg, "
                                                       ".jpeg or .webp, settings in its metadata")
     gen.add_argument("--out-dir", help="output folder for --prompts (default: the current folder)")
@@ -556,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--prompt", required=True, help="the edit instruction")
     ed.add_argument("--out", default="edited.png", help="output image: .png (default edited.png), .jpg, .jpeg "
                                                        "or .webp")
+    ed.add_argument("--keep-aspect", action="store_true",
+                    help="keep the source's aspect ratio (resized to multiples of 16 within --size squared pixels) "
+                         "instead of the released script's centre crop")
+    ed.add_argument("--negative-prompt", help='replaces the guidance text "Repeat this image." (default: it)')
     ed.set_defaults(func=_edit)
 
     cap = sub.add_parser("caption", help="describe an image, or answer a question about it")

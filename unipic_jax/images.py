@@ -62,25 +62,50 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_GREY) ->
     return out
 
 
-def resize(img: Image.Image, size: int) -> Image.Image:
-    """Resize to `size` x `size` with bicubic filtering (Pillow's default for RGB, as the scripts)."""
-    return img.resize((size, size), Image.Resampling.BICUBIC)
+def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
-def check_size(size: int) -> None:
-    """Raise unless `size` is a positive multiple of 16 pixels."""
+def resize(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Resize to `size` x `size` (or to `(height, width)`) with bicubic filtering (Pillow's default
+    for RGB, as the scripts)."""
+    height, width = _height_width(size)
+    return img.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def check_size(size: int, name: str = "image size") -> None:
+    """Raise unless `size` is a positive multiple of 16 pixels (`name` says which side in the error)."""
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
-        raise ImageError(f"image size {size} must be a positive multiple of {SIZE_MULTIPLE} pixels")
+        raise ImageError(f"{name} {size} must be a positive multiple of {SIZE_MULTIPLE} pixels")
 
 
-def to_model_input(img: Image.Image, size: int, *, bf16_ops: bool = False) -> np.ndarray:
-    """Resize to `size` and map to [-1, 1]: a (1, size, size, 3) array.
+def fit_to_budget(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width), multiples of 16, of about the aspect ratio of a `width` x `height` picture and
+    at most `max_pixels` pixels: both sides scaled by sqrt(max_pixels / (width*height)) and rounded
+    to the nearest multiple of 16, or rounded down when that overshoots the budget (at least 16;
+    a side held at 16 shortens the other one to fit)."""
+    if width < 1 or height < 1 or max_pixels < SIZE_MULTIPLE ** 2:
+        raise ImageError(f"cannot fit a {width}x{height} picture into {max_pixels} pixels")
+    scale = (max_pixels / (width * height)) ** 0.5
+    sides = [height * scale / SIZE_MULTIPLE, width * scale / SIZE_MULTIPLE]
+    h, w = (max(1, round(x)) * SIZE_MULTIPLE for x in sides)
+    if h * w > max_pixels:
+        h, w = (max(1, int(x)) * SIZE_MULTIPLE for x in sides)
+    if h * w > max_pixels:  # a very thin picture: one side held at 16, the other shortened to fit
+        longest = max_pixels // SIZE_MULTIPLE // SIZE_MULTIPLE * SIZE_MULTIPLE
+        h, w = (h, min(w, longest)) if h == SIZE_MULTIPLE else (min(h, longest), w)
+    return h, w
+
+
+def to_model_input(img: Image.Image, size: int | tuple[int, int], *, bf16_ops: bool = False) -> np.ndarray:
+    """Resize to `size` (or `(height, width)`) and map to [-1, 1]: a (1, height, width, 3) array.
 
     Default: float32 `x / 255 * 2 - 1`, as the editing script computes it (a bfloat16 model casts
     the result). `bf16_ops=True` reproduces the image-to-text script instead, which converts the
     uint8 pixels to bfloat16 first and rounds after each op; the result is then bfloat16.
     """
-    check_size(size)
+    for side in _height_width(size):
+        check_size(side)
     pixels = np.asarray(resize(img.convert("RGB"), size), np.uint8)[None]
     if not bf16_ops:
         return pixels.astype(np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
@@ -150,18 +175,27 @@ def save_image(image, path: str | os.PathLike, metadata: Mapping[str, object] | 
     path = Path(path)
     fmt = output_format(path)
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    options = {**_SAVE_OPTIONS[fmt], **metadata_options(fmt, metadata)}
+    return write_file(path, lambda f: img.save(f, format=fmt, **options), overwrite=overwrite)
+
+
+def metadata_options(fmt: str, metadata: Mapping[str, object] | None) -> dict:
+    """The Pillow `save` options that store `metadata` in a `fmt` file: `pnginfo` (text chunks) for
+    PNG, `exif` (a JSON object in ImageDescription) for JPEG and WebP; {} for other formats or no
+    metadata. The one place that knows how settings are written (`save_image`, and the
+    settings-carrying images of `unipic_jax.pipeline`)."""
     text = _text(metadata)
-    options = dict(_SAVE_OPTIONS[fmt])
+    fmt = fmt.upper()
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-        options["pnginfo"] = info
-    elif text:
+        return {"pnginfo": info}
+    if text and fmt in ("JPEG", "WEBP"):
         exif = Image.Exif()
         exif[_EXIF_DESCRIPTION] = json.dumps(text, sort_keys=True)  # ASCII: json escapes the rest
-        options["exif"] = exif
-    return write_file(path, lambda f: img.save(f, format=fmt, **options), overwrite=overwrite)
+        return {"exif": exif}
+    return {}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

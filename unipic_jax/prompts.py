@@ -54,6 +54,15 @@ def t2i_cfg_prompt() -> str:
     return chat(T2I_CFG_TEXT)
 
 
+def t2i_negative_prompt(text: str) -> str:
+    """A negative prompt in place of the guidance prompt: wrapped as the conditional prompt is
+    ("Generate an image: " + text in the chat template), so guidance moves from `text` towards the
+    prompt within the same task. Not in the released scripts (their guidance row is
+    `t2i_cfg_prompt`)."""
+    _require_text(text, "negative prompt")
+    return chat(T2I_PREFIX + text)
+
+
 def image_token_count(height: int, width: int, mar_config) -> int:
     """`<image>` placeholders for a `height` x `width`-pixel image: latent tokens plus MAR buffer.
 

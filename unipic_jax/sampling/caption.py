@@ -79,11 +79,12 @@ def caption(model: UniPic, params, images_bhwc, input_ids, attention_mask=None, 
             max_new_tokens: int, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
             repetition_penalty: float = 1.0, rng: Optional[jax.Array] = None, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, forced_ids=None, return_logits: bool = False,
-            bucket: int = 128) -> text.Generation:
+            bucket: int = 128, on_token=None) -> text.Generation:
     """Describe images: features on `path`, spliced at the `<image>` ids of `input_ids` (b, L), then
     `text.generate` (greedy without `rng`). `eos_id` / `pad_id` default to the config's tokens.
 
-    `attention_mask` (b, L), 1 = valid, None = all valid (the script passes none).
+    `attention_mask` (b, L), 1 = valid, None = all valid (the script passes none). `on_token`
+    streams the tokens as they are chosen (`text.generate`).
     """
     tokens = model.config.tokens
     ids = np.asarray(input_ids)
@@ -98,4 +99,4 @@ def caption(model: UniPic, params, images_bhwc, input_ids, attention_mask=None, 
                          max_new_tokens=max_new_tokens, eos_id=tokens.eos if eos_id is None else eos_id,
                          pad_id=tokens.pad if pad_id is None else pad_id, rng=rng, temperature=temperature,
                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                         forced_ids=forced_ids, return_logits=return_logits, bucket=bucket)
+                         forced_ids=forced_ids, return_logits=return_logits, bucket=bucket, on_token=on_token)

@@ -418,9 +418,9 @@ def sample(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, settings
     token_dim = model.config.mar.token_dim
     if (key is None) == (draws is None):
         raise ValueError("pass exactly one of `key` and `draws`")
-    if draws is None:
-        draws = draws_from_key(key, batch=batch, num_tokens=num_tokens, steps=steps_plan, token_dim=token_dim,
-                               guided=guided)
+    if draws is None:  # a key, or one key per equal group of images (`t2i.draws_per_key`)
+        draws = t2i.draws_per_key(key, batch, guided, lambda k, b: draws_from_key(
+            k, batch=b, num_tokens=num_tokens, steps=steps_plan, token_dim=token_dim, guided=guided))
     chains = [int(np.shape(x)[0]) for x in draws.step_noise]
     if (len(draws.noise_init) != len(steps) or tuple(np.shape(draws.orders)) != (batch, num_tokens)
             or chains != [p.chain_steps for p in steps_plan]):

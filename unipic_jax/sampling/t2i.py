@@ -298,6 +298,37 @@ def draws_from_key(key: jax.Array, *, batch: int, num_tokens: int, steps: Sequen
                            num_diffusion_steps, guided)
 
 
+@functools.partial(jax.jit, static_argnames=("guided",))
+def concat_draws(parts: tuple[Draws, ...], guided: bool) -> Draws:
+    """One `Draws` for the images of `parts` side by side (part 0's images first): orders and
+    initial noise stacked image after image, each step's per-step noise per half (cond rows of
+    every part, then their uncond rows, when guided)."""
+    TRACES["concat_draws"] += 1
+    halves = 2 if guided else 1
+
+    def rows(xs, axis):
+        split = [jnp.split(x, halves, axis=axis) for x in xs]
+        return jnp.concatenate([p[h] for h in range(halves) for p in split], axis=axis)
+
+    return Draws(orders=jnp.concatenate([p.orders for p in parts]),
+                 noise_init=tuple(jnp.concatenate(xs) for xs in zip(*(p.noise_init for p in parts))),
+                 step_noise=tuple(rows(xs, 1) for xs in zip(*(p.step_noise for p in parts))))
+
+
+def draws_per_key(key, batch: int, guided: bool, make: Callable[[jax.Array, int], Draws]) -> Draws:
+    """`make(key, batch)` for one key. For a sequence of G keys, the batch is G equal groups of
+    images, group g's draws being exactly those `make(key_g, batch // G)` gives a call of that
+    group alone (so each group's images can be reproduced without the others); `concat_draws`
+    puts them side by side. The groups share one draws program (one shape)."""
+    if not isinstance(key, (list, tuple)):
+        return make(key, batch)
+    if not key or batch % len(key):
+        raise ValueError(f"{len(key)} keys cannot split a batch of {batch} images into equal groups")
+    if len(key) == 1:
+        return make(key[0], batch)
+    return concat_draws(tuple(make(k, batch // len(key)) for k in key), guided)
+
+
 def prepare_draws_from_fixture(recorded: Sequence[np.ndarray], *, batch: int, steps: Sequence[Step],
                                num_diffusion_steps: int, guided: bool) -> Draws:
     """`Draws` from the reference's recorded draws, in draw order (the fixtures' `rng/*`).
@@ -357,16 +388,18 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
                cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
                key: Optional[jax.Array] = None, draws: Optional[Draws] = None, x_con_bsd=None,
                buckets: Buckets = DEFAULT_BUCKETS, prompt_bucket: int = 64, capture: bool = False,
-               on_step: Optional[Callable[[int, jax.Array], None]] = None, fast=None) -> Sample:
+               on_step: Optional[Callable[[int, jax.Array], None]] = None, fast=None,
+               prompt_cache: Optional[KVCache] = None) -> Sample:
     """`SkyworkUnipic.sample` on prompt embeddings (the shared sampler of T2I and editing).
 
     prompt_embeds_bld (rows, L, D), prompt_mask_bl (rows, L) 1 = valid, right padded; rows are
     `[cond x B ; uncond x B]` when cfg != 1, else the B cond rows. `x_con_bsd` (rows or 1,
     buffer + m*n, mar_dim): the source-image MAR encoding for editing (None: mask tokens).
-    Exactly one of `key` / `draws`. `buckets` sets the per-step padding (`EXACT`: none);
-    `prompt_bucket` the multiple the prompt is padded to. With `capture`, the `Sample` also holds
-    the prompt pass and, per step, `tokens_in` (rows, m, n, C), `mask_in` (rows, m*n, 1 = masked),
-    `llm_last_hidden_state` (rows, V + buffer, D) in LLM order, `x_enc` (rows, buffer + V, mar_dim)
+    Exactly one of `key` / `draws`; `key` may be a sequence of G keys splitting the B images into G
+    equal groups, each drawn as a call of that group alone would draw it (`draws_per_key`).
+    `buckets` sets the per-step padding (`EXACT`: none); `prompt_bucket` the multiple the prompt
+    is padded to. With `capture`, the `Sample` also holds the prompt pass and, per step,
+    `tokens_in` (rows, m, n, C), `mask_in` (rows, m*n, 1 = masked), `llm_last_hidden_state` (rows, V + buffer, D) in LLM order, `x_enc` (rows, buffer + V, mar_dim)
     after the residual, `z_dec` (rows, m*n, decoder_dim), `z_sel` / `sampled` (the diffusion rows,
     cond then uncond); the normal path computes none of these. `on_step(index, tokens)` is called
     after each MAR step with the (rows, m*n, C) tokens (a progress hook; it may block on them).
@@ -374,7 +407,14 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
     `fast` (None / False: this faithful sampler) selects the fast sampler (`sampling/fast.py`):
     True for its `FAST` preset, or a `fast.FastSettings`; it does less work than the reference
     and so gives other images.
+
+    `prompt_cache` (a `KVCache` of `rows` rows, e.g. a conversation's history and this turn
+    appended by `text.extend`) replaces the prompt pass: pass None for the embeddings and mask.
+    The image tokens then follow each row's valid cached slots, as after a one-shot prefill of
+    the same tokens.
     """
+    if prompt_cache is not None and (prompt_embeds_bld is not None or capture or fast not in (None, False)):
+        raise ValueError("prompt_cache replaces the prompt embeddings; it works without capture and fast")
     if fast is not None and fast is not False:
         from unipic_jax.sampling import fast as fast_sampler
 
@@ -385,11 +425,14 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
                                    cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, key=key,
                                    draws=draws, x_con_bsd=x_con_bsd, buckets=buckets, prompt_bucket=prompt_bucket,
                                    on_step=on_step)
-    length = prompt_embeds_bld.shape[1]
-    embeds_bld, mask_bl = pad_prompt(jnp.asarray(prompt_embeds_bld), prompt_mask_bl,
-                                     bucket_length(length, prompt_bucket))
+    if prompt_cache is None:
+        length = prompt_embeds_bld.shape[1]
+        embeds_bld, mask_bl = pad_prompt(jnp.asarray(prompt_embeds_bld), prompt_mask_bl,
+                                         bucket_length(length, prompt_bucket))
+        rows = embeds_bld.shape[0]
+    else:
+        rows = prompt_cache.valid.shape[0]
     guided = cfg != 1.0
-    rows = embeds_bld.shape[0]
     if guided and rows % 2:
         raise ValueError(f"cfg={cfg} needs rows [cond x B ; uncond x B]; got {rows} rows")
     batch = rows // 2 if guided else rows
@@ -402,15 +445,19 @@ def sample_t2i(model: UniPic, params, prompt_embeds_bld, prompt_mask_bl, *, imag
     if (key is None) == (draws is None):
         raise ValueError("pass exactly one of `key` and `draws`")
     if draws is None:
-        draws = draws_from_key(key, batch=batch, num_tokens=num_tokens, steps=steps, token_dim=token_dim,
-                               num_diffusion_steps=tables.num_steps, guided=guided)
+        draws = draws_per_key(key, batch, guided, lambda k, b: draws_from_key(
+            k, batch=b, num_tokens=num_tokens, steps=steps, token_dim=token_dim,
+            num_diffusion_steps=tables.num_steps, guided=guided))
     if len(draws.noise_init) != len(steps) or tuple(np.shape(draws.orders)) != (batch, num_tokens):
         raise ValueError(f"draws hold orders {tuple(np.shape(draws.orders))} and {len(draws.noise_init)} steps; "
                          f"this call needs ({batch}, {num_tokens}) and {len(steps)}")
     if x_con_bsd is not None:
         x_con_bsd = jnp.broadcast_to(x_con_bsd, (rows,) + tuple(x_con_bsd.shape[1:]))
 
-    prefix_hidden, cache = _prefill(model, params, embeds_bld, mask_bl)
+    if prompt_cache is None:
+        prefix_hidden, cache = _prefill(model, params, embeds_bld, mask_bl)
+    else:
+        prefix_hidden, cache = None, prompt_cache
     tokens = jnp.zeros((rows, num_tokens, token_dim), model.dtype)  # sampled rows are rounded when written
     orders = jnp.asarray(draws.orders, jnp.int32)
     temperature = np.float32(temperature)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unipic_jax.models.qwen2 import KVCache, Qwen2, positions_from_mask
 
@@ -42,6 +44,7 @@ class _Settings:
     top_p: float
     repetition_penalty: float
     return_logits: bool
+    stream: bool = False  # hand each step's tokens to the host as they are chosen (`on_token`)
 
 
 @flax.struct.dataclass
@@ -94,22 +97,11 @@ def _warp(scores_bv, s: _Settings):
     return scores_bv
 
 
-@functools.partial(jax.jit, static_argnames=("model", "s"))
-def _generate(model: Qwen2, s: _Settings, params, embeds_bld, mask_bl, rng, forced_ids_bn) -> Generation:
-    TRACES["generate"] += 1
-    variables = {"params": params}
-    b, length, _ = embeds_bld.shape
-    n, vocab = s.max_new_tokens, model.config.vocab_size
-
-    cache = KVCache.create(model.config, b, length + n, model.dtype)
-    prompt, cache = model.apply(variables, cache, embeds_bld, positions_from_mask(mask_bl), mask_bl,
-                                method=Qwen2.prefill)
-    last_b = jnp.max(jnp.where(mask_bl, jnp.arange(length), 0), axis=-1)
-    h_last = jnp.take_along_axis(prompt.last_hidden_state, last_b[:, None, None], axis=1)
-    first_logits = model.apply(variables, h_last, method=Qwen2.logits)[:, 0]
-
+def _loop(model: Qwen2, s: _Settings, variables, cache: KVCache, first_logits_bv, rng, forced_ids_bn):
+    """Choose, append and repeat from the logits after a prompt -> (Generation, final cache)."""
+    b, n, vocab = first_logits_bv.shape[0], s.max_new_tokens, model.config.vocab_size
     state = dict(
-        step=jnp.zeros((), jnp.int32), cache=cache, logits=first_logits,
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=first_logits_bv,
         ids=jnp.full((b, n), s.pad_id, jnp.int32), lengths=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
         seen=jnp.zeros((b, vocab), bool) if s.repetition_penalty != 1.0 else None,
@@ -133,6 +125,8 @@ def _generate(model: Qwen2, s: _Settings, params, embeds_bld, mask_bl, rng, forc
         new["ids"] = jax.lax.dynamic_update_index_in_dim(st["ids"], token, t, axis=1)
         new["lengths"] = st["lengths"] + (~st["done"]).astype(jnp.int32)
         new["done"] = st["done"] | (token == s.eos_id)
+        if s.stream:  # the tokens leave the device as they are chosen; nothing else changes
+            jax.debug.callback(_emit, t, token, st["done"])
         if st["seen"] is not None:
             new["seen"] = st["seen"].at[jnp.arange(b), token].set(True)
         if st["record"] is not None:
@@ -145,14 +139,62 @@ def _generate(model: Qwen2, s: _Settings, params, embeds_bld, mask_bl, rng, forc
         return new
 
     final = jax.lax.while_loop(keep_going, step, state)
-    return Generation(ids=final["ids"], lengths=final["lengths"], logits=final["record"])
+    return Generation(ids=final["ids"], lengths=final["lengths"], logits=final["record"]), final["cache"]
+
+
+def _last_logits(model: Qwen2, variables, hidden_btd, mask_bt):
+    """Logits (B, V) at each row's last valid token."""
+    last_b = jnp.max(jnp.where(mask_bt, jnp.arange(mask_bt.shape[1]), 0), axis=-1)
+    h_last = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)
+    return model.apply(variables, h_last, method=Qwen2.logits)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "s"))
+def _generate(model: Qwen2, s: _Settings, params, embeds_bld, mask_bl, rng, forced_ids_bn) -> Generation:
+    TRACES["generate"] += 1
+    variables = {"params": params}
+    b, length, _ = embeds_bld.shape
+    cache = KVCache.create(model.config, b, length + s.max_new_tokens, model.dtype)
+    prompt, cache = model.apply(variables, cache, embeds_bld, positions_from_mask(mask_bl), mask_bl,
+                                method=Qwen2.prefill)
+    first = _last_logits(model, variables, prompt.last_hidden_state, mask_bl)
+    return _loop(model, s, variables, cache, first, rng, forced_ids_bn)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _extend(model: Qwen2, params, cache: KVCache, embeds_bld, mask_bl):
+    TRACES["extend"] += 1
+    out, cache = model.apply({"params": params}, cache, embeds_bld, cache.next_positions(embeds_bld.shape[1]),
+                             mask_bl, method=Qwen2.decode)
+    return out.last_hidden_state, cache
+
+
+def extend(model: Qwen2, params, cache: KVCache, embeds_bld, mask_bl) -> tuple[jax.Array, KVCache]:
+    """Append new tokens (B, l, D), right padded with mask (B, l) 1 = valid, after a cache: only the
+    new tokens are computed (each attends to the cache's valid slots and to the new valid tokens
+    before it); they take the positions after each row's valid slots, and their valid ones join
+    the cache. Returns (last hidden state (B, l, D), the cache). One compile per shape."""
+    if cache.max_len - int(cache.length) < embeds_bld.shape[1]:
+        raise ValueError(f"{embeds_bld.shape[1]} new tokens do not fit the cache's "
+                         f"{cache.max_len - int(cache.length)} free slots")
+    return _extend(model, params, cache, jnp.asarray(embeds_bld), jnp.asarray(mask_bl, bool))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "s"))
+def _generate_after(model: Qwen2, s: _Settings, params, cache: KVCache, embeds_bld, mask_bl, rng):
+    TRACES["generate_after"] += 1
+    variables = {"params": params}
+    out, cache = model.apply(variables, cache, embeds_bld, cache.next_positions(embeds_bld.shape[1]), mask_bl,
+                             method=Qwen2.decode)
+    first = _last_logits(model, variables, out.last_hidden_state, mask_bl)
+    return _loop(model, s, variables, cache, first, rng, None)
 
 
 def generate(model: Qwen2, params, prompt_embeds_bld: jax.Array, prompt_mask_bl: jax.Array | None = None, *,
              max_new_tokens: int, eos_id: int, pad_id: int, rng: jax.Array | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, forced_ids: jax.Array | None = None,
-             return_logits: bool = False, bucket: int = 128) -> Generation:
+             return_logits: bool = False, bucket: int = 128, on_token=None) -> Generation:
     """Generate up to `max_new_tokens` tokens after prompt embeddings (B, L, D).
 
     `params`: the Qwen2 param tree. `prompt_mask_bl` (B, L), 1 = valid (None: all valid); padding
@@ -161,21 +203,75 @@ def generate(model: Qwen2, params, prompt_embeds_bld: jax.Array, prompt_mask_bl:
     `repetition_penalty` (1 = off; Qwen2.5's generation_config uses 1.1) applies in both modes.
     `forced_ids` (B, N) teacher-forces the tokens (the logits are still those of the model), for
     parity against stored generations. One compile per (B, bucketed L, settings).
+
+    `on_token(step, tokens_b, done_b)` (numpy arrays), when given, is called from the runtime as
+    each step's tokens are chosen (`done_b`: the rows that had already stopped, whose token is
+    `pad_id`); the loop is the same program but for that hand-off (its own compile), so the ids
+    equal those of a call without it. One streaming call at a time runs (a lock).
     """
-    if rng is not None and not temperature > 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    if top_k < 0 or not 0 < top_p <= 1 or not repetition_penalty > 0:
-        raise ValueError(f"invalid top_k={top_k}, top_p={top_p} or repetition_penalty={repetition_penalty}")
+    settings = _settings(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample=rng is not None,
+                         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                         return_logits=return_logits)
+    if on_token is not None:
+        settings = dataclasses.replace(settings, stream=True)
     if forced_ids is not None and tuple(forced_ids.shape) != (prompt_embeds_bld.shape[0], max_new_tokens):
         raise ValueError(f"forced_ids has shape {tuple(forced_ids.shape)}, want (batch, max_new_tokens)")
     b, length, _ = prompt_embeds_bld.shape
     mask = jnp.ones((b, length), bool) if prompt_mask_bl is None else prompt_mask_bl
     embeds, mask = pad_prompt(jnp.asarray(prompt_embeds_bld), mask, bucket_length(length, bucket))
-    sample = rng is not None
-    settings = _Settings(
-        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample=sample,
-        temperature=float(temperature) if sample else 1.0, top_k=top_k if sample else 0,
-        top_p=float(top_p) if sample else 1.0, repetition_penalty=float(repetition_penalty),
-        return_logits=return_logits)
     forced = None if forced_ids is None else jnp.asarray(forced_ids, jnp.int32)
-    return _generate(model, settings, params, embeds, mask, rng, forced)
+    if on_token is None:
+        return _generate(model, settings, params, embeds, mask, rng, forced)
+    with _STREAM_LOCK:
+        _STREAM_SINK[0] = on_token
+        try:
+            return jax.block_until_ready(_generate(model, settings, params, embeds, mask, rng, forced))
+        finally:
+            jax.effects_barrier()  # every callback has run before the sink goes
+            _STREAM_SINK[0] = None
+
+
+# The receiver of a streaming loop's tokens: one at a time (the compiled loop calls `_emit`, a
+# fixed function, so that every streaming call reuses it).
+_STREAM_LOCK = threading.Lock()
+_STREAM_SINK: list = [None]
+
+
+def _emit(step, tokens_b, done_b) -> None:
+    sink = _STREAM_SINK[0]
+    if sink is not None:
+        sink(int(step), np.asarray(tokens_b), np.asarray(done_b))
+
+
+def generate_after(model: Qwen2, params, cache: KVCache, prompt_embeds_bld: jax.Array, prompt_mask_bl: jax.Array, *,
+                   max_new_tokens: int, eos_id: int, pad_id: int, rng: jax.Array | None = None,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   repetition_penalty: float = 1.0) -> tuple[Generation, KVCache]:
+    """`generate` continuing a conversation: the prompt (B, l, D), right padded with its mask, is
+    appended after the valid slots of `cache` (as `extend`), then tokens are generated as
+    `generate` does. Returns the generation and the cache holding the prompt and every generated
+    token (for the next turn). The cache needs `l + max_new_tokens` free slots. Equals `generate`
+    on the whole history at once (positions follow the valid slots; padded slots stay hidden).
+    """
+    settings = _settings(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample=rng is not None,
+                         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                         return_logits=False)
+    free = cache.max_len - int(cache.length)
+    if free < prompt_embeds_bld.shape[1] + max_new_tokens:
+        raise ValueError(f"{prompt_embeds_bld.shape[1]} prompt and {max_new_tokens} new tokens do not fit the "
+                         f"cache's {free} free slots")
+    return _generate_after(model, settings, params, cache, jnp.asarray(prompt_embeds_bld),
+                           jnp.asarray(prompt_mask_bl, bool), rng)
+
+
+def _settings(*, max_new_tokens: int, eos_id: int, pad_id: int, sample: bool, temperature: float, top_k: int,
+              top_p: float, repetition_penalty: float, return_logits: bool) -> _Settings:
+    """The static settings of a call, checked (sampling knobs only count when sampling)."""
+    if sample and not temperature > 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1 or not repetition_penalty > 0:
+        raise ValueError(f"invalid top_k={top_k}, top_p={top_p} or repetition_penalty={repetition_penalty}")
+    return _Settings(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sample=sample,
+                     temperature=float(temperature) if sample else 1.0, top_k=top_k if sample else 0,
+                     top_p=float(top_p) if sample else 1.0, repetition_penalty=float(repetition_penalty),
+                     return_logits=return_logits)
