@@ -38,7 +38,8 @@ QUANTIZE_CHOICES = ("int8", "int4")
 
 # Transformer blocks of the LLM and MAR (attention and MLP), MAR's token/decoder embeddings, and
 # SigLIP2's encoder layers (off the released path: only `caption --path siglip` uses it). Not:
-# embeddings, lm_head (tied to the embedding in Qwen2.5-1.5B), projectors, the diffusion head, the VAE, SigLIP2's patch embedding and MAP head.
+# embeddings, lm_head (tied to the embedding in Qwen2.5-1.5B), projectors, the diffusion head, the
+# VAE, SigLIP2's patch embedding and MAP head.
 _QUANTIZED_MODULES = r"llm/layers_\d+/.*|mar/.*|siglip2/layers_\d+/.*"
 
 # int4 tiles: 64 input rows share a scale (absmax over 64 values instead of a whole column;
