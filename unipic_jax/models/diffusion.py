@@ -428,6 +428,21 @@ def sample(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_i
     `unroll=True` unrolls both scans (the same arithmetic; for XLA's cost analysis, which counts a
     loop body once).
     """
+    x, run_steps = _chain(model, params, tables, z_nd, noise_init, temperature=temperature, cfg=cfg, guided=guided,
+                          unroll=unroll)
+    chunk = steps_per_chunk(tables.num_steps, x.shape[0])
+    steps = jnp.arange(tables.num_steps - 1, -1, -1).reshape(-1, chunk)
+    noise = jnp.asarray(step_noise_tnc, jnp.float32)
+    x, _ = jax.lax.scan(lambda x_nc, xs: (run_steps(x_nc, *xs), None), x,
+                        (steps, noise.reshape((-1, chunk) + noise.shape[1:])), unroll=unroll or 1)
+    return x
+
+
+def _chain(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_init, *, temperature, cfg,
+           guided: bool, unroll: bool):
+    """What `sample` and `sample_dynamic` share: x_T (N, C) float32 and `run_steps(x, js, noise_knc)`,
+    the reverse steps at spaced indices `js` (K,), their adaLN modulations in one (K·N, width)
+    product, then the K steps of the chain in a scan (unrolled with `unroll`)."""
     variables = {"params": params}
     x = jnp.asarray(noise_init, jnp.float32)
     if guided:
@@ -435,8 +450,6 @@ def sample(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_i
     c_emb = model.apply(variables, z_nd, method=SimpleMLPAdaLN.embed_cond)
     t_emb = model.apply(variables, tables.timestep_map, method=SimpleMLPAdaLN.embed_time)  # (T, width)
     rows, token_dim = x.shape
-    num_steps = tables.num_steps
-    chunk = steps_per_chunk(num_steps, rows)
 
     def step(x_nc, xs):
         j, noise_nc, mods = xs
@@ -448,18 +461,14 @@ def sample(model: SimpleMLPAdaLN, params, tables: DiffusionTables, z_nd, noise_i
         nonzero = (j != 0).astype(jnp.float32)
         return mean + nonzero * jnp.exp(0.5 * log_var) * noise_nc * temperature, None
 
-    def steps_of_chunk(x_nc, xs):
-        js, noise_knc = xs
+    def run_steps(x_nc, js, noise_knc):
+        k = js.shape[0]
         y_knd = add(t_emb[js][:, None], c_emb[None])
-        mods = model.apply(variables, y_knd.reshape(chunk * rows, -1), method=SimpleMLPAdaLN.modulations)
-        mods = tuple(m.reshape(chunk, rows, -1) for m in mods)
-        return jax.lax.scan(step, x_nc, (js, noise_knc, mods), unroll=unroll or 1)[0], None
+        mods = model.apply(variables, y_knd.reshape(k * rows, -1), method=SimpleMLPAdaLN.modulations)
+        mods = tuple(m.reshape(k, rows, -1) for m in mods)
+        return jax.lax.scan(step, x_nc, (js, noise_knc, mods), unroll=unroll or 1)[0]
 
-    steps = jnp.arange(num_steps - 1, -1, -1).reshape(-1, chunk)
-    noise = jnp.asarray(step_noise_tnc, jnp.float32)
-    x, _ = jax.lax.scan(steps_of_chunk, x, (steps, noise.reshape((-1, chunk) + noise.shape[1:])),
-                        unroll=unroll or 1)
-    return x
+    return x, run_steps
 
 
 # The most steps a `sample_dynamic` chunk batches (its traced length is cut into whole chunks plus
@@ -486,38 +495,19 @@ def sample_dynamic(model: SimpleMLPAdaLN, params, tables: DiffusionTables, num_s
     equal `sample`'s up to the products' rounding. `static_steps` (a Python int equal to
     `num_steps`) unrolls every loop, for XLA's cost analysis.
     """
-    variables = {"params": params}
-    x = jnp.asarray(noise_init, jnp.float32)
-    if guided:
-        x = jnp.concatenate([x, x])
-    c_emb = model.apply(variables, z_nd, method=SimpleMLPAdaLN.embed_cond)
-    t_emb = model.apply(variables, tables.timestep_map, method=SimpleMLPAdaLN.embed_time)  # (T_max, width)
-    rows, token_dim = x.shape
-    noise = jnp.asarray(step_noise_tnc, jnp.float32)
-    chunk = dynamic_chunk(rows)
     unroll = static_steps is not None
-
-    def step(x_nc, xs):
-        j, noise_nc, mods = xs
-        x_in = jnp.concatenate([x_nc[: rows // 2]] * 2) if guided else x_nc
-        out = model.apply(variables, x_in, mods, method=SimpleMLPAdaLN.denoise_modulated)
-        if guided:
-            out = guide(out, cfg, token_dim)
-        mean, log_var = _p_mean_log_variance(tables, j, x_nc, out[:, :token_dim], out[:, token_dim:])
-        nonzero = (j != 0).astype(jnp.float32)
-        return mean + nonzero * jnp.exp(0.5 * log_var) * noise_nc * temperature, None
+    x, run_steps = _chain(model, params, tables, z_nd, noise_init, temperature=temperature, cfg=cfg, guided=guided,
+                          unroll=unroll)
+    noise = jnp.asarray(step_noise_tnc, jnp.float32)
+    chunk = dynamic_chunk(x.shape[0])
 
     def steps_from(first, k: int, x_nc):
-        """Reverse steps first .. first+k-1 (loop indices), their modulations in one product."""
+        """Reverse steps first .. first+k-1 (loop indices)."""
         js = num_steps - 1 - (first + jnp.arange(k))
-        y_knd = add(t_emb[js][:, None], c_emb[None])
-        mods = model.apply(variables, y_knd.reshape(k * rows, -1), method=SimpleMLPAdaLN.modulations)
-        mods = tuple(m.reshape(k, rows, -1) for m in mods)
-        noise_knc = jax.lax.dynamic_slice_in_dim(noise, first, k)
-        return jax.lax.scan(step, x_nc, (js, noise_knc, mods), unroll=unroll or 1)[0]
+        return run_steps(x_nc, js, jax.lax.dynamic_slice_in_dim(noise, first, k))
 
     if unroll:
-        full, rest = divmod(static_steps, chunk)
+        full = static_steps // chunk
         for c in range(full):
             x = steps_from(c * chunk, chunk, x)
         for i in range(full * chunk, static_steps):
