@@ -41,7 +41,7 @@ from PIL import Image
 
 from unipic_jax import images, prompts
 from unipic_jax.models.qwen2 import KVCache
-from unipic_jax.models.unipic import UniPic, llm_module, splice_image_features
+from unipic_jax.models.unipic import UniPic, llm_module
 from unipic_jax.sampling import caption as caption_lib
 from unipic_jax.sampling import t2i, text
 
@@ -76,12 +76,11 @@ def _token_features(model: UniPic, params, tokens_bmnc):
     return model.apply({"params": params}, tokens_bmnc, method=UniPic.extract_visual_feature)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
 def _embed_block(model: UniPic, params, ids_bl, features_bkd):
-    embeds = model.apply({"params": params}, ids_bl, method=UniPic.embed)
+    """Embeddings of ids (b, l) with the image features (or none) at the `<image>` ids."""
     if features_bkd is None:
-        return embeds
-    return splice_image_features(embeds, ids_bl, model.config.tokens.image, features_bkd)
+        return t2i._embed(model, params, ids_bl)
+    return caption_lib.prompt_embeddings(model, params, ids_bl, features_bkd)
 
 
 def _grow(cache: KVCache, slots: int) -> KVCache:
