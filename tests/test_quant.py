@@ -2,7 +2,7 @@
 tiny fixture model (random weights).
 
 What is checked: which params the rule table quantizes (and that the diffusion head, the VAE,
-norms, biases and embeddings are left alone), that the weights shrink, that quantized sampling
+norms, biases and the learned tables are left alone), that the weights shrink, that quantized sampling
 and captioning run and compile once per setting, the measured deviation from the unquantized
 model within bounds written beside each assert, that `quantize=None` is the faithful path itself,
 and that a bad setting is refused in one line.
@@ -47,8 +47,10 @@ def test_rules_pick_llm_and_mar_blocks_only(pipe):
     assert any(p.startswith("llm/layers_0/mlp/") for p in paths)
     assert any(p.startswith("mar/encoder_blocks_0/") for p in paths)
     assert any(p.startswith("mar/decoder_blocks_0/") for p in paths)
-    assert all(p.endswith("/kernel") for p in paths)
-    kept = ("diffusion_head/", "vae/", "proj_in/", "proj_out/", "llm/embed_tokens/", "siglip2_proj/")
+    # Dense kernels, and the LLM's token table (tied to its head; quantized per row)
+    assert "llm/embed_tokens/embedding" in paths
+    assert all(p.endswith("/kernel") for p in paths if p != "llm/embed_tokens/embedding")
+    kept = ("diffusion_head/", "vae/", "proj_in/", "proj_out/", "siglip2_proj/", "siglip2/embeddings/")
     assert not any(p.startswith(kept) for p in paths)
 
 
@@ -80,8 +82,9 @@ def test_quantized_generate_and_caption_compile_once(pipe8):
 
 
 def test_deviation_within_measured_bounds(pipe):
-    """Bounds are 2-3x what was measured on this fixture in float32 (int8: logits 0.019, head
-    0.013, top-1 0.94; int4: logits 0.33, head 0.24; README "Quantized inference"): absmax int8
+    """Bounds are 2-3x what was measured on this fixture in float32 (int8: logits 0.025, head
+    0.013, top-1 0.94; int4: logits 0.35, head 0.24; README "Quantized inference"; the token
+    table, quantized per row, is both the lookup and the head here): absmax int8
     keeps about 2 decimal digits per weight, int4 (tiles of 64) about one, and the fixture's tiny
     widths (sums over 32-64 terms) average little of it away. A bug (a wrong scale axis, a
     transposed kernel, a scale never applied) gives errors of order 1 or more."""
@@ -151,3 +154,29 @@ def test_plan_lora_state_is_adapters_only():
         with pytest.raises(ValueError, match="^lora: ") as err:
             quant.lora_rules(**bad)
         assert "\n" not in str(err.value)
+
+
+def test_quantized_token_table_lookup_and_head():
+    """One layer, `layers.Embed` with a per-row quantized table: a lookup is the dequantized rows
+    exactly (a gather, no arithmetic beyond qwix's own dequantization), and `attend` (the tied
+    head) is the product with the dequantized table up to float32 summation order (1e-5 x
+    max|ref|: 64-term sums of float32 products). int4 tiles run along the contracted columns."""
+    import jax.numpy as jnp
+
+    from unipic_jax.models.layers import Embed
+
+    table = Embed(300, 128, dtype=jnp.float32)
+    params = table.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    ids = jnp.array([[0, 7, 299], [5, 5, 123]], jnp.int32)
+    h = jax.random.normal(jax.random.key(1), (2, 3, 128), jnp.float32)
+    for setting, scales in (("int8", (300, 1)), ("int4", (300, 2))):
+        q = quant.quantize_params({"llm": {"embed_tokens": params}}, setting)["llm"]["embed_tokens"]
+        assert isinstance(q["embedding"], qwix.QArray) and q["embedding"].scale.shape == scales
+        dense = np.asarray(qwix.dequantize(q["embedding"]))
+        rows = table.apply({"params": q}, ids)
+        np.testing.assert_array_equal(np.asarray(rows), dense[np.asarray(ids)])
+        logits = np.asarray(table.apply({"params": q}, h, method=Embed.attend))
+        ref = np.einsum("btd,vd->btv", np.asarray(h, np.float64), dense.astype(np.float64))
+        assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
+        # and the quantization is no worse than int4's coarse grid allows (a wrong axis is ~1)
+        assert quant.relative_error(params["embedding"], dense) < (0.01 if setting == "int8" else 0.15)

@@ -1,16 +1,23 @@
 """Weight-only quantization (int8, int4) over module paths, with qwix, in one table.
 
     RULES[setting] -> qwix.QuantizationRule rows; the first row whose `module_path` regex
-    fullmatches a Dense module's path (its param path without "/kernel") decides that kernel.
+    fullmatches a module's path (its param path without "/kernel" or "/embedding") decides it.
 
-Only 2-D `kernel` params of `layers.Dense`/`layers.linear` are ever quantized (per output channel,
-absmax, symmetric; int4 also in tiles of `tile_size` input rows): the LLM's and MAR's transformer
-blocks and SigLIP2's encoder. Embeddings, norms, biases, the learned position tables, the
-projectors, the diffusion head and the VAE stay in the compute dtype (the issue's default; the
-head's error feeds every denoising step, so it is left alone). Quantization is post-training
-(PTQ), once at load: `quantize_params` replaces each chosen kernel by a `qwix.QArray` (int values
-and scales), and `layers.linear` multiplies by such a kernel with `qwix.dot_general`. Unquantized
-params take exactly the faithful path: `quantize=None` changes nothing.
+Two kinds of 2-D params are ever quantized (absmax, symmetric):
+  * `kernel`s of `layers.Dense`/`layers.linear`, (in, out): a scale per output channel, int4 also
+    per tile of `tile_size` input rows. The LLM's and MAR's transformer blocks and SigLIP2's
+    encoder.
+  * the LLM's token table `embedding` (`layers.Embed`), (vocab, dim): a scale per row (token),
+    int4 also per tile of `tile_size` columns. In Qwen2.5-1.5B it is tied to the output head and
+    holds 151936 x 1536 values (0.43 GiB in bf16, 15 % of the model): left in bf16 it keeps int8
+    above 55 % and int4 above 35 % of the bf16 bytes. A row's scale serves both uses: a lookup
+    dequantizes whole rows, and the logits contract over the tiled columns.
+Norms, biases, MAR's and SigLIP2's learned tables, the projectors, the diffusion head and the VAE
+stay in the compute dtype (the issue's default; the head's error feeds every denoising step, so it
+is left alone). Quantization is post-training (PTQ), once at load: `quantize_params` replaces each
+chosen param by a `qwix.QArray` (int values and scales), which `layers.linear` and `layers.Embed`
+use through qwix (`qwix.dot_general`, `qwix.dequantize`). Unquantized params take exactly the
+faithful path: `quantize=None` changes nothing.
 
 Why not `qwix.quantize_model` (qwix's interception of `dot_general` inside a wrapped linen
 method): our samplers apply many methods by function (`model.apply(..., method=UniPic.encode)`,
@@ -36,15 +43,19 @@ from flax import traverse_util
 
 QUANTIZE_CHOICES = ("int8", "int4")
 
-# Transformer blocks of the LLM and MAR (attention and MLP), MAR's token/decoder embeddings, and
-# SigLIP2's encoder layers (off the released path: only `caption --path siglip` uses it). Not:
-# embeddings, lm_head (tied to the embedding in Qwen2.5-1.5B), projectors, the diffusion head, the
-# VAE, SigLIP2's patch embedding and MAP head.
-_QUANTIZED_MODULES = r"llm/layers_\d+/.*|mar/.*|siglip2/layers_\d+/.*"
+# The LLM's token table (and so its tied head), transformer blocks of the LLM and MAR (attention
+# and MLP), MAR's token/decoder embeddings (Dense layers), and SigLIP2's encoder layers (off the
+# released path: only `caption --path siglip` uses it). Not: projectors, the diffusion head, the
+# VAE, SigLIP2's patch embedding, position table and MAP head, MAR's learned tables.
+_QUANTIZED_MODULES = r"llm/embed_tokens|llm/layers_\d+/.*|mar/.*|siglip2/layers_\d+/.*"
 
-# int4 tiles: 64 input rows share a scale (absmax over 64 values instead of a whole column;
-# measured on Gaussian weights: max |error| of a product 0.13 -> 0.09 of max |out|, see README).
+# int4 tiles: 64 values along the contracted axis share a scale (absmax over 64 values instead of
+# a whole column; measured on Gaussian weights: max |error| of a product 0.13 -> 0.09 of max |out|,
+# see README).
 INT4_TILE = 64
+
+# Per param name: (the axis with a scale per index, the contracted axis the int4 tiles run along).
+_AXES = {"kernel": (1, 0), "embedding": (0, 1)}
 
 RULES: dict[str, tuple[qwix.QuantizationRule, ...]] = {
     "int8": (qwix.QuantizationRule(module_path=_QUANTIZED_MODULES, weight_qtype="int8"),),
@@ -61,9 +72,9 @@ def check_quantize(quantize: Optional[str]) -> Optional[str]:
 
 def rule_for(path: str, quantize: str) -> Optional[qwix.QuantizationRule]:
     """The rule deciding the param at `path` ("llm/layers_0/mlp/up_proj/kernel"), or None: only
-    2-D Dense kernels are candidates, matched by their module path."""
+    2-D Dense kernels and Embed tables are candidates, matched by their module path."""
     module, _, name = path.rpartition("/")
-    if name != "kernel":
+    if name not in _AXES:
         return None
     for rule in RULES[check_quantize(quantize)]:
         if re.fullmatch(rule.module_path, module):
@@ -71,18 +82,15 @@ def rule_for(path: str, quantize: str) -> Optional[qwix.QuantizationRule]:
     return None
 
 
-def _how(shape, rule: qwix.QuantizationRule) -> dict:
-    """`qwix.quantize` keywords for a (in, out) kernel: a scale per output channel, and for a
-    tile size, per tile of input rows (a tile that does not divide the rows falls back to one)."""
-    tiled = None
-    if rule.tile_size and shape[0] % int(rule.tile_size) == 0 and shape[0] > rule.tile_size:
-        tiled = {0: int(rule.tile_size)}
-    return dict(channelwise_axes=(1,), tiled_axes=tiled)
-
-
-def _quantize_leaf(kernel, rule: qwix.QuantizationRule):
-    how = _how(kernel.shape, rule)
-    return qwix.quantize(kernel, rule.weight_qtype, **how)
+def _how(name: str, shape, rule: qwix.QuantizationRule) -> tuple[int, Optional[int], Optional[int]]:
+    """(scale axis, tile axis, tile) for the param `name` ("kernel" (in, out): a scale per output
+    channel; "embedding" (vocab, dim): a scale per row), with a rule's tile size along the other
+    axis (None when the tile does not divide it into several)."""
+    channel, contracted = _AXES[name]
+    tile = int(rule.tile_size) if rule.tile_size else None
+    if tile is None or shape[contracted] % tile or shape[contracted] <= tile:
+        return channel, None, None
+    return channel, contracted, tile
 
 
 def quantized_paths(params, quantize: str) -> list[str]:
@@ -104,26 +112,21 @@ def quantize_params(params, quantize: Optional[str]):
         rule = rule_for(path, quantize) if np.ndim(leaf) == 2 else None
         if rule is None:
             out[path] = leaf
-        elif isinstance(leaf, jax.ShapeDtypeStruct):
-            out[path] = jax.eval_shape(lambda k, rule=rule: _quantize_leaf(k, rule), leaf)
-        else:
-            out[path] = _jit_quantize(rule.weight_qtype, _how_key(leaf.shape, rule))(leaf)
+            continue
+        quantizer = _quantizer(rule.weight_qtype, *_how(path.rpartition("/")[2], leaf.shape, rule))
+        out[path] = jax.eval_shape(quantizer, leaf) if isinstance(leaf, jax.ShapeDtypeStruct) else quantizer(leaf)
     return traverse_util.unflatten_dict(out, sep="/")
-
-
-def _how_key(shape, rule):
-    how = _how(shape, rule)
-    return None if how["tiled_axes"] is None else how["tiled_axes"][0]
 
 
 _JITTED: dict = {}
 
 
-def _jit_quantize(qtype: str, tile: Optional[int]):
-    key = (qtype, tile)
+def _quantizer(qtype: str, channel: int, contracted: Optional[int], tile: Optional[int]):
+    """`qwix.quantize` of a 2-D param, jitted once per setting (then once per shape)."""
+    key = (qtype, channel, contracted, tile)
     if key not in _JITTED:
-        _JITTED[key] = jax.jit(lambda k: qwix.quantize(k, qtype, channelwise_axes=(1,),
-                                                        tiled_axes=None if tile is None else {0: tile}))
+        tiled = None if tile is None else {contracted: tile}
+        _JITTED[key] = jax.jit(lambda w: qwix.quantize(w, qtype, channelwise_axes=(channel,), tiled_axes=tiled))
     return _JITTED[key]
 
 

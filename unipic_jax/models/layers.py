@@ -135,6 +135,29 @@ class Dense(nn.Dense):
         return linear(inputs, kernel, bias, dtype=self.dtype, precision=self.precision, fused=fused)
 
 
+class Embed(nn.Embed):
+    """`nn.Embed` (same attributes and param `embedding` (vocab, dim)) whose table may also be a
+    `qwix.QArray` (weight-only int8/int4 per row, made by `unipic_jax.quant`): a lookup gathers
+    the rows' int values and scales and dequantizes them to `dtype`; `attend` (the tied head's
+    logits) multiplies by `qwix.dot_general`, summed in float32 and rounded once as `linear`. A
+    plain table is `nn.Embed`'s own path, unchanged."""
+
+    def __call__(self, inputs):
+        if not isinstance(self.embedding, qwix.QArray):
+            return super().__call__(inputs)
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        return qwix.dequantize(self.embedding[inputs]).astype(self.dtype)
+
+    def attend(self, query):
+        if not isinstance(self.embedding, qwix.QArray):
+            return super().attend(query)
+        query = query.astype(self.dtype)
+        dims = (((query.ndim - 1,), (1,)), ((), ()))
+        return round_to(qwix.dot_general(query, self.embedding, dims, preferred_element_type=_opmath(query.dtype)),
+                        query.dtype)
+
+
 def _conv_float32(lhs, rhs, *args, **kwargs):
     """`lax.conv_general_dilated` summed and returned in float32 (at least)."""
     kwargs["preferred_element_type"] = _opmath(jnp.result_type(lhs, rhs))

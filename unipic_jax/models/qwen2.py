@@ -34,7 +34,7 @@ import numpy as np
 
 from unipic_jax.models import attention
 from unipic_jax.models.attention import CausalKeyMask
-from unipic_jax.models.layers import Dense, add, mul, round_to, silu
+from unipic_jax.models.layers import Dense, Embed, add, mul, round_to, silu
 from unipic_jax.sharding import constrain
 
 Dtype = Any
@@ -238,7 +238,7 @@ class Qwen2(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                      embedding_init=nn.initializers.normal(0.02))
         layer = RematDecoderLayer if self.remat else Qwen2DecoderLayer
         self.layers = [layer(cfg, self.dtype) for _ in range(cfg.num_layers)]
