@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="JAX/Flax port of Skywork UniPic-1: text-to-image, editing and image-to-text",
     packages=find_packages(include=["unipic_jax", "unipic_jax.*", "convert", "convert.*", "configs", "configs.*"]),
+    # XLA's descriptions of GPU cards, for `unipic-jax compile --topology h100` (unipic_jax/aot.py).
+    package_data={"unipic_jax": ["gpu_targets/*.txtpb", "gpu_targets/README.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax==0.10.2",
@@ -37,6 +39,9 @@ setup(
         "demo": ["gradio==6.31.0"],
         # TPU runs and `unipic-jax compile` for TPU topologies on any host (libtpu 0.0.42.1).
         "tpu": ["jax[tpu]==0.10.2"],
+        # `unipic-jax compile` for GPU presets (h100, gpu24, ...) on any host, no GPU or driver needed:
+        # the CUDA PJRT plugin's compiler, and cuDNN for the attention kernel it lowers to.
+        "gpu-aot": ["jax-cuda12-plugin==0.10.2", "nvidia-cudnn-cu12==9.28.0.42"],
     },
     entry_points={"console_scripts": ["unipic-jax=unipic_jax.cli:main"]},
 )

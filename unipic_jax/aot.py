@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU pods on a CPU-only host: does a program fit, and what does it cost?
+"""Ahead-of-time compilation for TPU pods and GPUs on a CPU-only host: does a program fit, and what does it cost?
 
     unipic-jax compile --config unipic_1p5b --topology v5e:16x16 --train --stage sft --batch 256 \\
         --resolution 512 --mesh fsdp=64,tensor=4
@@ -27,15 +27,26 @@ Needs libtpu (`pip install "jax[tpu]==0.10.2"`); without it every entry point ra
 `AotUnavailable` with that instruction. The runtime backend stays the CPU. Caveat:
 `cost_analysis()["flops"]` counts the body of a while loop (`lax.scan`, `fori_loop`) once, not
 once per trip.
+
+GPU targets are presets (`GPU_PRESETS`: "h100", "a100", "a6000", "gpu24"), with "xN" for N GPUs of
+one host ("h100x8"): XLA's description of the card (a `GpuTargetConfigProto` from openxla/xla,
+shipped in `unipic_jax/gpu_targets/`) gives compile-only CUDA devices to the CUDA PJRT plugin's
+compiler (`pip install -e ".[gpu-aot]"`; no GPU or driver needed). That compiler does not refuse
+a program larger than the card (it only logs warnings), so `compile_command` compares each total
+with the card's memory itself and raises `CompileOOM` after the reports; its `cost_analysis()`
+is empty here, so no FLOPs are reported.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
+import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -48,15 +59,18 @@ from unipic_jax.models import attention
 PyTree = Any
 GIB = 2 ** 30
 INSTALL_HINT = 'TPU AOT compilation needs libtpu: pip install "jax[tpu]==0.10.2" (the "tpu" extra)'
+GPU_INSTALL_HINT = ('GPU AOT compilation needs the CUDA plugin and cuDNN: pip install "jax-cuda12-plugin==0.10.2" '
+                    '"nvidia-cudnn-cu12==9.28.0.42" (the "gpu-aot" extra)')
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 class AotUnavailable(RuntimeError):
-    """libtpu is not installed, so no TPU topology can be built."""
+    """libtpu (TPU) or the CUDA plugin (GPU) is not installed, so the target cannot be built."""
 
 
 class CompileOOM(RuntimeError):
-    """The TPU compiler found the program too large for a chip's HBM (its message, one line)."""
+    """The program is too large for a chip's memory (one line): the TPU compiler's message, or the
+    comparison `compile_command` makes for GPU targets."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,9 +109,13 @@ _FORMS = ("GEN:AxB for v5e/v6e (e.g. v5e:16x16), GEN:AxBxC for v4/v5p (e.g. v5:4
           "name such as v5e-256 or v5p-128")
 
 
-def parse_topology(text: str, num_slices: int = 1) -> TopologySpec:
-    """A `TopologySpec` from a libtpu topology name or a Cloud TPU slice name; ValueError otherwise."""
+def parse_topology(text: str, num_slices: int = 1) -> "TopologySpec | GpuTarget":
+    """A `TopologySpec` from a libtpu topology name or a Cloud TPU slice name, or a `GpuTarget` from a
+    GPU preset name ("h100", "h100x8"; `parse_gpu_target`); ValueError otherwise."""
     text = text.strip().lower()
+    gpu = re.fullmatch(r"([a-z0-9]+?)(?:x([0-9]+))?", text)
+    if gpu and gpu.group(1) in GPU_PRESETS:
+        return parse_gpu_target(text, num_slices)
     match = re.fullmatch(r"([a-z0-9]+)[:=_]([0-9]+(?:x[0-9]+)*)", text)
     if match:
         gen, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
@@ -112,7 +130,8 @@ def parse_topology(text: str, num_slices: int = 1) -> TopologySpec:
         if dims is None:
             raise ValueError(f"topology {text!r}: no standard {gen} slice of that size; give its shape as {_FORMS}")
     if gen not in _GENERATIONS:
-        raise ValueError(f"topology {text!r}: generation {gen!r} is not one of {sorted(_GENERATIONS)}")
+        raise ValueError(f"topology {text!r}: generation {gen!r} is not one of {sorted(_GENERATIONS)} "
+                         f"(GPU presets: {', '.join(GPU_PRESETS)}, with xN for N GPUs)")
     prefix, ndim, chip_config, _ = _GENERATIONS[gen]
     if len(dims) != ndim or min(dims) < 1:
         raise ValueError(f"topology {text!r}: {gen} slices have {ndim} dimensions; want {_FORMS}")
@@ -126,12 +145,13 @@ def parse_topology(text: str, num_slices: int = 1) -> TopologySpec:
     return TopologySpec(f"{prefix}:{'x'.join(map(str, dims))}", chip_config, bounds, wrap, num_slices)
 
 
-def topology_devices(spec: TopologySpec) -> list:
-    """The compile-only devices of `spec` (all slices). Raises `AotUnavailable` without libtpu."""
-    import importlib.util
-
+def topology_devices(spec: "TopologySpec | GpuTarget") -> list:
+    """The compile-only devices of `spec` (all slices). Raises `AotUnavailable` without libtpu (or,
+    for a `GpuTarget`, without the CUDA plugin)."""
     from jax.experimental import topologies
 
+    if isinstance(spec, GpuTarget):
+        return gpu_devices(spec)
     if importlib.util.find_spec("libtpu") is None:
         raise AotUnavailable(INSTALL_HINT)
     try:
@@ -149,7 +169,7 @@ def topology_mesh(spec: TopologySpec, mesh_spec: str | Mapping[str, int], device
     """A mesh with axes `sharding.MESH_AXES` over the topology's devices. With several slices the
     `data` axis is split as (slices x data per slice) over DCN and the rest stays inside a slice."""
     devices = topology_devices(spec) if devices is None else list(devices)
-    if spec.num_slices == 1:
+    if isinstance(spec, GpuTarget) or spec.num_slices == 1:
         return sharding.make_mesh(mesh_spec, devices=devices)
     from jax.experimental import mesh_utils
 
@@ -161,6 +181,87 @@ def topology_mesh(spec: TopologySpec, mesh_spec: str | Mapping[str, int], device
     grid = mesh_utils.create_hybrid_device_mesh(ici, (spec.num_slices, 1, 1), devices,
                                                 allow_split_physical_axes=True)
     return Mesh(grid, sharding.MESH_AXES)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU targets
+
+GPU_TARGETS_DIR = Path(__file__).parent / "gpu_targets"
+# Preset -> (XLA target config under gpu_targets/, device memory in bytes replacing the file's or None).
+GPU_PRESETS: dict[str, tuple[str, Optional[int]]] = {
+    "h100": ("h100_sxm.txtpb", None),  # H100 SXM 80 GB, sm_90
+    "a100": ("a100_sxm_80.txtpb", None),  # A100 SXM 80 GB, sm_80
+    "a6000": ("a6000.txtpb", None),  # RTX A6000 48 GB, sm_86
+    # 24 GB class: openxla/xla publishes no target config of a 24 GB card, so this is the A6000's
+    # description (GA102, also the chip of the RTX 3090 24 GB; the RTX 4090 is a newer AD102) with
+    # 24 GiB of device memory: only the memory size is changed, not the card's other figures.
+    "gpu24": ("a6000.txtpb", 24 * GIB),
+}
+MAX_GPUS_PER_HOST = 8
+# Fields of newer openxla/xla target configs that jaxlib 0.10.2's GpuTargetConfigProto lacks: with
+# any of them the whole text fails to parse ("Failed to parse GpuTargetConfigProto"), so they are
+# dropped (they describe the interconnect and scheduling limits, not the memory).
+_NEWER_GPU_FIELDS = ("device_interconnect_info", "collective_memory_granularity", "mem_clock_ghz",
+                     "reserved_shared_memory_per_block", "max_blocks_per_multiprocessor")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """`devices` GPUs of one host, all the card XLA's target config `config_file` describes."""
+
+    name: str  # the preset, e.g. "h100"
+    config_file: str  # under gpu_targets/
+    devices: int = 1
+    memory_bytes: Optional[int] = None  # replaces the config's device_memory_size
+    num_slices: int = 1  # one host, no DCN
+
+    def config_text(self) -> str:
+        """The target config as jaxlib 0.10.2 parses it (newer fields dropped, memory replaced)."""
+        text = (GPU_TARGETS_DIR / self.config_file).read_text()
+        for field in _NEWER_GPU_FIELDS:
+            text = re.sub(rf"^[ \t]*{field}\s*\{{[^}}]*\}}\s*\n", "", text, flags=re.M)
+            text = re.sub(rf"^[ \t]*{field}\s*:.*\n", "", text, flags=re.M)
+        if self.memory_bytes is not None:
+            text = re.sub(r"device_memory_size: \d+", f"device_memory_size: {self.memory_bytes}", text)
+        return text
+
+    @property
+    def device_memory(self) -> int:
+        """Bytes of memory per GPU (the config's device_memory_size, or the preset's)."""
+        return int(re.search(r"device_memory_size: (\d+)", self.config_text()).group(1))
+
+
+def parse_gpu_target(text: str, num_slices: int = 1) -> GpuTarget:
+    """A `GpuTarget` from "PRESET" or "PRESETxN" (N GPUs of one host, 1 to 8); ValueError otherwise."""
+    match = re.fullmatch(r"([a-z0-9]+?)(?:x([0-9]+))?", text.strip().lower())
+    if not match or match.group(1) not in GPU_PRESETS:
+        raise ValueError(f"topology {text!r}: GPU presets are {', '.join(GPU_PRESETS)}, with xN for N GPUs")
+    count = int(match.group(2) or 1)
+    if not 1 <= count <= MAX_GPUS_PER_HOST:
+        raise ValueError(f"topology {text!r}: 1 to {MAX_GPUS_PER_HOST} GPUs (one host)")
+    if num_slices != 1:
+        raise ValueError(f"num_slices {num_slices}: GPU presets are one host (slices are TPU's)")
+    config_file, memory = GPU_PRESETS[match.group(1)]
+    return GpuTarget(match.group(1), config_file, count, memory)
+
+
+def gpu_devices(target: GpuTarget) -> list:
+    """The compile-only CUDA devices of `target`. Raises `AotUnavailable` without the CUDA plugin
+    and cuDNN (the sampler's attention lowers to cuDNN's kernel)."""
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("jax_cuda12_plugin") is None or importlib.util.find_spec("nvidia.cudnn") is None:
+        raise AotUnavailable(GPU_INSTALL_HINT)
+    # Without a CUDA driver the plugin refuses to start unless told to skip its version checks
+    # (jax_plugins/xla_cuda12/__init__.py reads this when it starts; JAX_PLATFORMS=cpu skips them too).
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=target.config_text(),
+                                            topology=f"1x1x{target.devices}")  # partitions x hosts x GPUs
+    except NotImplementedError:  # the plugin failed to start with JAX's backends, before the variable was set
+        raise AotUnavailable("the CUDA plugin did not start in this process: set JAX_PLATFORMS=cpu (or "
+                             "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1) before JAX starts") from None
+    return list(topo.devices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,17 +435,23 @@ class Report:
     temp: int
     peak: Optional[int]
     generated_code: int
-    flops: float
-    bytes_accessed: float
+    flops: Optional[float]  # None: the compiler reports no cost analysis (GPU)
+    bytes_accessed: Optional[float]
     collectives: dict[str, int]
     kernels: dict[str, int]
     parts: dict[str, int]
     notes: list[str]
+    device_memory: Optional[int] = None  # GPU targets: the card's memory, which their compiler does not check
 
     @property
     def total(self) -> int:
         """argument + output - alias + temp: what the chip must hold (MaxText's total memory)."""
         return self.argument + self.output - self.alias + self.temp
+
+    @property
+    def fits(self) -> bool:
+        """Whether `total` fits in `device_memory` (True when that is unknown: TPU compilers refuse)."""
+        return self.device_memory is None or self.total <= self.device_memory
 
 
 def _first_line(e: BaseException) -> str:
@@ -368,21 +475,27 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return counts
 
 
-def count_kernels(lowered_text: str) -> dict[str, int]:
-    """Custom kernels (Pallas / Mosaic) in a lowered program, by kernel name: the attention kernels
-    `models/attention.py` picked for the target."""
+def count_kernels(lowered_text: str, compiled_text: str = "") -> dict[str, int]:
+    """Custom kernels in a program, the attention kernels `models/attention.py` picked for the
+    target: Pallas / Mosaic ones by kernel name in the lowered program, cuDNN's by custom call
+    target in the compiled one (jax partitions them itself: unsharded, they appear only there)."""
     counts: dict[str, int] = {}
-    for name in re.findall(r'kernel_name\s*=\s*"([^"]+)"', lowered_text):
+    names = re.findall(r'kernel_name\s*=\s*"([^"]+)"', lowered_text)
+    names += re.findall(r'custom_call_target="(__cudnn\$\w+)"', compiled_text)
+    for name in names:
         counts[name] = counts.get(name, 0) + 1
     return counts
 
 
-def compile_program(program: Program) -> Report:
-    """Lower and compile `program`; raises `CompileOOM` (one line) when it does not fit in HBM."""
+def compile_program(program: Program, platform: Optional[str] = None,
+                    device_memory: Optional[int] = None) -> Report:
+    """Lower and compile `program` for `platform` (default: its mesh's); raises `CompileOOM` (one
+    line) when the TPU compiler finds it too large. `device_memory`: the card's bytes, kept in the
+    report (GPU targets; `Report.fits`)."""
     start = time.perf_counter()
     try:
         mesh = program.mesh
-        platform = mesh.devices.flat[0].platform if mesh else jax.default_backend()
+        platform = platform or (mesh.devices.flat[0].platform if mesh else jax.default_backend())
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh else contextlib.nullcontext(), \
                 attention.target(platform):  # the target's attention kernel, not the host's
             lowered = program.jitted.lower(*program.static, *program.args)
@@ -393,16 +506,17 @@ def compile_program(program: Program) -> Report:
             raise
         raise CompileOOM(f"{program.name}: does not fit in HBM: {message}") from None
     seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+    memory, hlo = compiled.memory_analysis(), compiled.as_text()
     cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     return Report(
         name=program.name, compile_seconds=seconds, argument=memory.argument_size_in_bytes,
         output=memory.output_size_in_bytes, alias=memory.alias_size_in_bytes, temp=memory.temp_size_in_bytes,
         peak=getattr(memory, "peak_memory_in_bytes", None), generated_code=memory.generated_code_size_in_bytes,
-        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        collectives=count_collectives(compiled.as_text()), kernels=count_kernels(lowered.as_text()),
-        parts=dict(program.parts), notes=list(program.notes))
+        flops=float(cost.get("flops", 0.0)) if cost else None,
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)) if cost else None,
+        collectives=count_collectives(hlo), kernels=count_kernels(lowered.as_text(), hlo),
+        parts=dict(program.parts), notes=list(program.notes), device_memory=device_memory)
 
 
 def _gib(n: float) -> str:
@@ -417,8 +531,14 @@ def format_report(r: Report) -> str:
     if r.parts:
         lines.append("  inputs per chip, whole (the program reads the parts it uses): "
                      + ", ".join(f"{k} {_gib(v)}" for k, v in r.parts.items()))
-    lines.append(f"  flops per chip {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g} "
-                 f"(XLA counts a loop body once, not once per trip)")
+    if r.device_memory is not None:
+        lines.append(f"  device memory {_gib(r.device_memory)}: {'fits' if r.fits else 'does not fit'} "
+                     f"({100 * r.total / r.device_memory:.1f} % of it; the compiler does not check this)")
+    if r.flops is None:
+        lines.append("  flops: not reported (this compiler gives no cost analysis)")
+    else:
+        lines.append(f"  flops per chip {r.flops:.4g}, bytes accessed {r.bytes_accessed:.4g} "
+                     f"(XLA counts a loop body once, not once per trip)")
     lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in r.collectives.items()))
     if r.kernels:
         lines.append("  kernels: " + ", ".join(f"{k} x{v}" for k, v in r.kernels.items()))
@@ -471,17 +591,24 @@ def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train
                     und_resolution: Optional[int] = None, num_iter: int = 32, dtype: str = "bfloat16",
                     num_slices: int = 1, echo: Callable[[str], None] = print,
                     quantize: Optional[str] = None) -> list[Report]:
-    """What `unipic-jax compile` runs: build the topology and mesh, compile the train step (`train`)
-    or the sampler's heaviest step programs, and `echo` each report. Raises `AotUnavailable`,
-    `CompileOOM` (the first program that does not fit) or ValueError (bad names or sizes)."""
+    """What `unipic-jax compile` runs: build the topology (TPU) or GPU target and the mesh, compile
+    the train step (`train`) or the sampler's heaviest step programs, and `echo` each report. Raises
+    `AotUnavailable`, `CompileOOM` (the first program that does not fit; for a GPU target after all
+    the reports) or ValueError (bad names or sizes)."""
     if train and quantize:
         raise ValueError("--quantize compiles the sampler (weight-only inference), not --train")
     spec = parse_topology(topology, num_slices)
     devices = topology_devices(spec)
     grid = topology_mesh(spec, mesh, devices)
     sizes = " ".join(f"{a}={n}" for a, n in grid.shape.items())
-    echo(f"topology {spec.name} x {spec.num_slices} slice(s): {len(devices)} {devices[0].device_kind} devices "
-         f"(chip config {spec.chip_config_name}, wrap {spec.wrap}); mesh {sizes}")
+    gpu = isinstance(spec, GpuTarget)
+    if gpu:
+        echo(f"GPU target {spec.name}: {len(devices)} {devices[0].device_kind} device(s) with "
+             f"{_gib(spec.device_memory)} each (XLA target config {spec.config_file}"
+             + (", memory size set by the preset" if spec.memory_bytes else "") + f"); mesh {sizes}")
+    else:
+        echo(f"topology {spec.name} x {spec.num_slices} slice(s): {len(devices)} {devices[0].device_kind} devices "
+             f"(chip config {spec.chip_config_name}, wrap {spec.wrap}); mesh {sizes}")
     if train:
         config = stage_for_compile(stage, model_config, batch=batch, resolution=resolution,
                                    und_resolution=und_resolution, dtype=dtype)
@@ -498,11 +625,15 @@ def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train
                                     dtype=dtype, quantize=quantize)
     reports = []
     for program in programs:
-        report = compile_program(program)
+        report = (compile_program(program, "cuda", spec.device_memory) if gpu else compile_program(program))
         echo(format_report(report))
         reports.append(report)
     if train:
         echo(_plan_comparison(config, grid))
+    too_big = next((r for r in reports if not r.fits), None)
+    if too_big is not None:
+        raise CompileOOM(f"{too_big.name}: does not fit in device memory: total {_gib(too_big.total)} > "
+                         f"{_gib(too_big.device_memory)} of {devices[0].device_kind} ({spec.name})")
     return reports
 
 

@@ -236,7 +236,7 @@ def _compile(args) -> int:
         print(f"unipic-jax: error: {e}", file=sys.stderr)
         return 2
     except aot.CompileOOM as e:
-        print(f"unipic-jax: HBM overflow: {e}", file=sys.stderr)
+        print(f"unipic-jax: out of device memory: {e}", file=sys.stderr)
         return 3
     return 0
 
@@ -541,10 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="multi-host: the number of processes (default $UNIPIC_NUM_PROCESSES)")
     tr.set_defaults(func=_train)
 
-    cp = sub.add_parser("compile", help="compile for a TPU slice on this host (needs libtpu, not a TPU): "
-                                        "per-chip memory, FLOPs, HBM overflow")
+    cp = sub.add_parser("compile", help="compile for a TPU slice (needs libtpu, not a TPU) or GPUs (needs the "
+                                        "CUDA plugin, not a GPU) on this host: per-chip memory, FLOPs, overflow")
     cp.add_argument("--topology", required=True,
-                    help="v5e:16x16, v5:4x4x4 (v5p), v6e:16x16, v4:2x2x1 ... or a slice name: v5e-256, v5p-128")
+                    help="v5e:16x16, v5:4x4x4 (v5p), v6e:16x16, v4:2x2x1 ... or a slice name: v5e-256, v5p-128; "
+                         "or a GPU preset: h100, a100, a6000, gpu24 (24 GiB), xN for N GPUs of one host (h100x8)")
     cp.add_argument("--config", default="unipic_1p5b",
                     help="model sizes: 'unipic_1p5b' (default) or a fixture folder holding meta.json")
     cp.add_argument("--mesh", default="fsdp=-1", help="mesh sizes over the topology's chips (default fsdp=-1)")

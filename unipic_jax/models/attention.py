@@ -3,8 +3,11 @@ SigLIP tower (`attend`), and the LLM's grouped-query attention (`attend_gqa`).
 
   cpu   "reference": `layers.scaled_dot_product_attention`, the reference's arithmetic (torch's
         CPU flash kernel in bf16, softmax then product in float32): the parity path, unchanged.
-  gpu   "fused": `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies, XLA's
-        otherwise).
+  gpu   "fused": `jax.nn.dot_product_attention`. On CUDA, cuDNN's flash-attention kernel
+        (`implementation="cudnn"`, the score matrix never held whole) where jax 0.10.2's cuDNN
+        path takes the inputs: bf16 or fp16, a head dim that is a multiple of 8 and at most 128,
+        and with a mask even query and key lengths (`_cudnn_applies`); XLA's attention otherwise
+        (jax's default, `implementation=None`, always takes XLA's path and holds the scores).
   tpu   "pallas": the Pallas TPU flash-attention kernel
         (`jax.experimental.pallas.ops.tpu.flash_attention`): blocks of 128 queries and keys, the
         score matrix never held whole (at 1024 px the encoder attends over 4,160 tokens: 16 heads
@@ -32,7 +35,7 @@ sampler attends 4,160 image tokens to [64 cache slots ; themselves]: 2 rows x 12
 fused path on TPU: their scores are small and a 128-query block would be mostly padding.
 
 The platform is the default backend's, or the one set by `target(platform)` while a program is
-lowered for other devices (`unipic-jax compile` for a TPU topology on a CPU host).
+lowered for other devices (`unipic-jax compile` for a TPU or GPU target on a CPU host).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ _kernel: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attenti
 
 @contextlib.contextmanager
 def target(platform: str):
-    """Trace for `platform` ("cpu", "gpu", "tpu") whatever the default backend is."""
+    """Trace for `platform` ("cpu", "cuda", "gpu", "tpu") whatever the default backend is; cuDNN's
+    kernel needs "cuda" ("gpu" is also ROCm's name)."""
     token = _platform.set(platform)
     try:
         yield
@@ -108,10 +112,46 @@ def attend(q_bnqh, k_bnkh, v_bnkh, key_mask_bk=None, dropout: Optional[Callable]
                                             dropout if dropout is not None else (lambda w: w))
     if chosen == "fused":
         mask = None if key_mask_bk is None else key_mask_bk[:, None, None, :]
-        out_bqnh = jax.nn.dot_product_attention(*(jnp.swapaxes(x, 1, 2) for x in (q_bnqh, k_bnkh, v_bnkh)),
-                                                mask=mask)
+        out_bqnh = _fused(*(jnp.swapaxes(x, 1, 2) for x in (q_bnqh, k_bnkh, v_bnkh)), mask)
         return jnp.swapaxes(out_bqnh, 1, 2)
     return _pallas(q_bnqh, k_bnkh, v_bnkh, key_mask_bk)
+
+
+def _fused(q_btnh, k_bsnh, v_bsnh, mask_b1ts=None, scale=None):
+    """`jax.nn.dot_product_attention` on (B, T, N, H) queries and (B, S, K, H) keys and values
+    with a bool mask broadcastable to (B, 1, T, S): cuDNN's kernel where `_cudnn_applies`, else XLA's."""
+    if not _cudnn_applies(q_btnh, k_bsnh, mask_b1ts):
+        return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_b1ts, scale=scale)
+    if mask_b1ts is not None:
+        # jax's cuDNN path turns the mask into an additive bias that must span (T, S) whole
+        # (jax 0.10.2 `_src/cudnn/fused_attention_stablehlo.py`, `check_layout`).
+        b, t, _, _ = q_btnh.shape
+        mask_b1ts = jnp.broadcast_to(mask_b1ts, (b, 1, t, k_bsnh.shape[1]))
+    return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask_b1ts, scale=scale,
+                                        implementation="cudnn")
+
+
+def _cudnn_applies(q_btnh, k_bsnh, mask_b1ts) -> bool:
+    """Whether jax 0.10.2's cuDNN attention takes these inputs (`_src/cudnn/fused_attention_stablehlo.py`):
+    a CUDA target, bf16 or fp16 (`check_layout`), a head dim that is a multiple of 8 and at most 128
+    (`check_is_flash_attention`: 256 on Hopper, but it reads the capability of the default backend,
+    so 128 when compiling on a CPU host), and with a mask (a bias to cuDNN) even lengths, which its
+    backward pass needs."""
+    if not _on_cuda() or q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    head_dim, t, s = q_btnh.shape[-1], q_btnh.shape[1], k_bsnh.shape[1]
+    if head_dim % 8 or head_dim > 128:
+        return False
+    return mask_b1ts is None or (t % 2 == 0 and s % 2 == 0)
+
+
+def _on_cuda() -> bool:
+    """Whether programs are traced for CUDA: `target("cuda")`, or a default "gpu" backend (ROCm's
+    name too) whose platform version names CUDA, the test jax's cuDNN path makes itself."""
+    name = _platform_name()
+    if name != "gpu" or _platform.get() is not None:
+        return name == "cuda"
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
 
 
 def _pad_to_block(x, axis: int):
@@ -189,8 +229,7 @@ def attend_gqa(q_btnh, k_bskh, v_bskh, mask, dtype):
         return _splash_gqa(q_btnh, k_bskh, v_bskh, mask)
     mask_bts = mask.dense(q_btnh.shape[0], q_btnh.shape[1]) if structured else mask
     if chosen == "fused":
-        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=jnp.asarray(mask_bts, bool)[:, None],
-                                            scale=q_btnh.shape[-1] ** -0.5)
+        return _fused(q_btnh, k_bskh, v_bskh, jnp.asarray(mask_bts, bool)[:, None], scale=q_btnh.shape[-1] ** -0.5)
     return _gqa_reference(q_btnh, k_bskh, v_bskh, mask_bts, dtype)
 
 
