@@ -284,7 +284,7 @@ class UniPicPipeline:
         bf16 weights (restored straight into bf16) and activations, the model keeping norm
         statistics and the diffusion state in float32. `tokenizer` overrides the tokenizer folder
         (a Qwen2.5 folder). `quantize` "int8" or "int4" quantizes the weights of the LLM's, MAR's
-        and SigLIP2's blocks once, here (weight-only, `unipic_jax.quant`); None (the default) keeps
+        and SigLIP2's blocks and the LLM's token table once, here (weight-only, `unipic_jax.quant`); None (the default) keeps
         the faithful path. Raises ValueError (`checkpoint.CheckpointError`, `ConversionError`)
         naming what is missing or damaged.
         """

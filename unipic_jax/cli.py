@@ -575,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint)")
         sp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
         sp.add_argument("--quantize", choices=("int8", "int4"),
-                        help="weight-only quantization of the LLM's, MAR's and SigLIP2's blocks at load (less "
-                             "memory, other numbers; default: none, the faithful model)")
+                        help="weight-only quantization of the LLM's, MAR's and SigLIP2's blocks and the token "
+                             "table at load (less memory, other numbers; default: none, the faithful model)")
         sp.add_argument("--seed", type=int, help=seed_help)
         if sizes:
             sp.add_argument("--size", type=int, default=1024, help="image side in pixels, a multiple of 16 "
