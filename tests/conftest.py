@@ -88,11 +88,11 @@ def synthetic_batch(cfg, root):
     return batch
 
 
-# The modules with the longest tests, longest first (`--durations`: the quickstart ~200 s, the whole-model parity
-# rows ~180 s, the multi-process workers ~90 s, the export of a training run ~80 s) run first, so
-# that under pytest-xdist they start while the other worker has the rest to do, instead of one of
-# them ending the run alone. Each module stays in one piece, in its own order (module fixtures
-# are set up once per worker that runs it).
+# The modules with the longest tests run first, longest first (`--durations`: the quickstart
+# ~200 s, the whole-model parity rows ~180 s, the multi-process workers ~90 s, the export of a
+# training run ~80 s), so that under pytest-xdist they start while the other worker has the rest
+# to do, instead of one of them ending the run alone. Each module stays in one piece, in its own
+# order (module fixtures are set up once per worker that runs it).
 SLOW_MODULES = ("test_quickstart.py", "test_parity.py", "test_multiprocess.py", "test_export.py")
 
 
