@@ -414,9 +414,9 @@ class UniPicPipeline:
         Randomness: `seed` an int seeds the whole call from `jax.random.key(seed)` (as `generate`
         always has); the images of a one-prompt call are then reproduced by the seed alone, those
         of a longer list by the same call. `seed` a list gives one seed per prompt: prompt i's
-        images are exactly those of a call with that prompt alone and `seed[i]` (its draws are
-        made as that call makes them, `t2i.draws_per_key`; the numbers then agree to the sampling
-        bound, the batch shape being other). `generator` a `jax.random` key, or one per prompt,
+        images are those of a call with that prompt alone and `seed[i]`: its draws are exactly
+        that call's (`t2i.draws_per_key`), and the numbers agree to the sampling bound (another
+        batch shape runs another program), at most one uint8 level apart. `generator` a `jax.random` key, or one per prompt,
         instead of seeds (recorded seed None). None draws a fresh seed.
 
         `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` is called after each MAR
@@ -541,10 +541,7 @@ class UniPicPipeline:
             raise ValueError(f"callback_on_step_end must be callable, got {callback_on_step_end!r:.60}")
         for text in texts:
             prompts.edit_prompt(text, 1)  # empty instructions fail here, before any image is read
-        if isinstance(seed, (list, tuple)):
-            _, seeds = _keys(seed, None, count)
-        else:
-            seeds = [new_seed() if seed is None else check_seed(seed)] * count
+        keys, seeds = _keys(seed, None, count)
         pictures = [_model_input_image(src) for src in sources]
         if keep_aspect:
             shapes = [images.fit_to_budget(*pic.size, size * size) for pic in pictures]
@@ -565,8 +562,7 @@ class UniPicPipeline:
                       for i in members]
             ids, mask = self._batch(cond + uncond if cfg != 1.0 else cond, reserved=image_tokens,
                                     bucket=PROMPT_BUCKET)
-            key = ([jax.random.key(seeds[i]) for i in members] if isinstance(seed, (list, tuple))
-                   else jax.random.key(seeds[members[0]]))
+            key = [keys[i] for i in members] if isinstance(keys, list) else keys
             with _progress(steps, progress, "edit") as bar:
                 out = t2i.edit(self.model, self.params, np.concatenate([pixels[i] for i in members]), ids, mask,
                                num_iter=steps, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, key=key,

@@ -342,6 +342,7 @@ def _save(image, path: Path, overwrite: bool) -> Path:
 
 
 def _generate(args) -> int:
+    from unipic_jax import prompts
     from unipic_jax.api import check_sampling, check_seed, new_seed
 
     base = new_seed() if args.seed is None else check_seed(args.seed)
@@ -361,8 +362,8 @@ def _generate(args) -> int:
     width = args.size if args.width is None else args.width
     check_sampling(_peek(args), size=args.size, height=height, width=width, steps=args.steps, cfg=args.cfg,
                    temperature=args.temperature, batch=args.batch)
-    if args.negative_prompt is not None and not args.negative_prompt.strip():
-        raise ValueError("empty negative prompt: give some text")
+    if args.negative_prompt is not None:
+        prompts.t2i_negative_prompt(args.negative_prompt)  # an empty one fails here, before the model loads
     if args.negative_prompt is not None and args.cfg == 1.0:
         raise ValueError("--negative-prompt needs guidance (--cfg other than 1)")
     pipe = _pipeline(args)
@@ -388,13 +389,14 @@ def _edit(args) -> int:
         raise ValueError("empty prompt: give some text")
     out = Path(args.out)
     _check_outputs([[out]], args.overwrite)
-    check_sampling(_peek(args), size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature)
+    config = _peek(args)
+    check_sampling(config, size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature)
     source = images.load_image(args.image)
     if args.negative_prompt is not None and not args.negative_prompt.strip():
         raise ValueError("empty negative prompt: give some text")
     if args.keep_aspect:  # the shape the edit will have, checked before the model loads
         height, width = images.fit_to_budget(*source.size, args.size * args.size)
-        check_sampling(_peek(args), height=height, width=width, steps=args.steps, cfg=args.cfg,
+        check_sampling(config, height=height, width=width, steps=args.steps, cfg=args.cfg,
                        temperature=args.temperature)
     pipe = _pipeline(args)
     edited = pipe.edit(source, args.prompt, seed=seed, keep_aspect=args.keep_aspect,

@@ -16,7 +16,8 @@ captioning splice in). With guidance, the unconditional row of an image turn is 
 followed by the task's guidance prompt ("Generate an image." / the source and "Repeat this image."):
 guidance then moves away from a generic request in the same context. An edit turn shows its source
 (the last image unless one is given) again in its user message, as the one-shot edit does, and
-conditions the MAR decoder on it; so a session's first turn is exactly the one-shot call.
+conditions the MAR decoder on it; so a session's first turn is the one-shot call (same tokens,
+same draws; the numbers agree to the sampling bound, the cache's shapes being other).
 
 The LLM keeps one KV cache of the conversation (`qwen2.KVCache`, one row). Each turn appends its
 new tokens (the previous answer's tail, then the user message) with `text.extend`, or
@@ -256,14 +257,11 @@ class Session:
         guided = cfg != 1.0
         rows = [self._pending + [cond]] + ([self._pending + [uncond]] if guided else [])
         embeds, mask, lengths = self._embed_rows(rows)
-        image_tokens = prompts.image_token_count(size, size, self.model.config.mar)
+        grid, image_tokens = self.pipe._grid(size)
         cache = self._room(len(rows), embeds.shape[1], image_tokens, written=False)
         _, cache = text.extend(llm_module(self.model), self.pipe.params["llm"], cache, embeds, mask)
-        side = size // (self.model.config.mar.vae_stride * self.model.config.mar.patch_size)
-        if x_con is not None:
-            x_con = jnp.broadcast_to(x_con, (len(rows),) + tuple(x_con.shape[1:]))
         with api._progress(steps, progress, kind) as bar:
-            out = t2i.sample_t2i(self.model, self.pipe.params, None, None, image_shape=(side, side), num_iter=steps,
+            out = t2i.sample_t2i(self.model, self.pipe.params, None, None, image_shape=grid, num_iter=steps,
                                  cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                                  key=jax.random.key(seed), x_con_bsd=x_con, prompt_cache=cache, **api._step_hook(bar))
             pixels = np.asarray(out.images)
@@ -302,7 +300,7 @@ class Session:
         size = self.size if size is None else size
         api.check_sampling(self.model.config, size=size, steps=steps, cfg=cfg, temperature=temperature)
         seed = None if seed is None else api.check_seed(seed)
-        count = prompts.image_token_count(size, size, self.model.config.mar)
+        _, count = self.pipe._grid(size)
         cond_text, uncond_text = prompts.edit_prompt(instruction, count), prompts.edit_cfg_prompt(count)
         picture = self.image if image is None else api._model_input_image(image)
         source = images.to_model_input(images.center_crop_square(picture), size)
