@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -53,7 +54,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from unipic_jax import distributed, sharding
+from unipic_jax import distributed, quant, sharding
 from unipic_jax.models import attention
 
 PyTree = Any
@@ -225,9 +226,9 @@ class GpuTarget:
             text = re.sub(r"device_memory_size: \d+", f"device_memory_size: {self.memory_bytes}", text)
         return text
 
-    @property
+    @functools.cached_property
     def device_memory(self) -> int:
-        """Bytes of memory per GPU (the config's device_memory_size, or the preset's)."""
+        """Bytes of memory per GPU (the config's device_memory_size, or the preset's; read once)."""
         return int(re.search(r"device_memory_size: (\d+)", self.config_text()).group(1))
 
 
@@ -288,7 +289,7 @@ def _shard_bytes(tree: PyTree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+        total += quant.leaf_bytes(jax.ShapeDtypeStruct(shape, leaf.dtype))  # int4: half a byte
     return total
 
 
@@ -376,8 +377,6 @@ def sampler_programs(model_config, mesh: Mesh, *, batch: int, resolution: int, n
     shapes = jax.eval_shape(lambda p: cast_params(p, model.dtype), param_shapes(config))
     params = sharding.sharded_abstract(shapes, mesh, rules)
     if quantize is not None:
-        from unipic_jax import quant
-
         params = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
                               jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=distributed.replicated(mesh)),
                               quant.quantize_params(params, quantize))

@@ -226,16 +226,18 @@ def lora_paths(adapters) -> list[str]:
 def lora_merge(base, adapters, scale: float):
     """The params a LoRA model computes with: every adapted kernel `base + (a @ b) * scale`
     (`scale` = alpha / rank; float32 product, the sum cast to the kernel's dtype; a quantized base
-    kernel (`qwix.QArray`, QLoRA) is dequantized first), every other leaf `base`'s own (QArrays
-    dequantized). Pure: used inside the train step and, once, to merge into a normal checkpoint.
-    With B = 0 every adapted kernel is `base` bit for bit (unless it holds -0.0)."""
+    kernel (`qwix.QArray`, QLoRA) is dequantized first), every other leaf `base`'s own (a QArray
+    stays one: the layers take it as it is, so a QLoRA step holds no float copy of the kernels it
+    does not adapt; `dequantize_params` makes a normal checkpoint of the result). Pure: used
+    inside the train step and, once, to merge. With B = 0 every adapted kernel is `base` bit for
+    bit (unless it holds -0.0)."""
     flat = traverse_util.flatten_dict(base, sep="/", is_leaf=lambda _, x: isinstance(x, qwix.QArray))
     ads = traverse_util.flatten_dict(adapters, sep="/")
     out = {}
     for path, leaf in flat.items():
-        if isinstance(leaf, qwix.QArray):
-            leaf = qwix.dequantize(leaf)
         if f"{path}/{LORA_A}" in ads:
+            if isinstance(leaf, qwix.QArray):
+                leaf = qwix.dequantize(leaf)
             a, b = ads[f"{path}/{LORA_A}"], ads[f"{path}/{LORA_B}"]
             delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * jnp.float32(scale)
             leaf = (leaf.astype(jnp.float32) + delta).astype(leaf.dtype)
@@ -244,6 +246,13 @@ def lora_merge(base, adapters, scale: float):
     if missing:
         raise ValueError(f"lora: {len(missing)} adapter(s) have no base kernel, e.g. {missing[0]}")
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def dequantize_params(params):
+    """`params` with every `qwix.QArray` leaf dequantized (to its scales' dtype); the other leaves
+    are the same objects."""
+    return jax.tree.map(lambda x: qwix.dequantize(x) if isinstance(x, qwix.QArray) else x, params,
+                        is_leaf=lambda x: isinstance(x, qwix.QArray))
 
 
 def deviation(model, params, quantize: str, *, key: jax.Array, grid: tuple[int, int] = (4, 4),

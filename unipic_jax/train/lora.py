@@ -37,7 +37,7 @@ from unipic_jax.train import losses, optim
 
 PyTree = Any
 RECORD_FILE = "lora.json"
-QUANTIZE = ("", "int8", "int4")
+QUANTIZE = ("",) + quant.QUANTIZE_CHOICES
 
 
 def defaults() -> dict:

@@ -208,6 +208,6 @@ def read_run(workdir: str | os.PathLike, weights: str = "ema", step: int | None 
             continue
         if record is not None:
             base = lora.prepare_base(lora.read_base(record, model_config), settings)
-            params = quant.lora_merge(base, params, settings.scale)
+            params = quant.dequantize_params(quant.lora_merge(base, params, settings.scale))
         return model_config, params, _tokenizer_dir(root, doc), s
     raise CheckpointError(f"{root / CHECKPOINTS_DIR}: no intact step ({'; '.join(failures)})")
