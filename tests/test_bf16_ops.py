@@ -222,7 +222,7 @@ def case_layer_norm():
 def case_layer_norm_no_affine():
     """The diffusion head's final LayerNorm (elementwise_affine=False)."""
     x = Draw(13).t(8, 32, 128, std=2.0, mean=0.5)
-    ln = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False, dtype=BF16)
+    ln = layers.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False, dtype=BF16)
     return run(ln, {}, j(x)), F.layer_norm(x, (128,), eps=1e-6)
 
 

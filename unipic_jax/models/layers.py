@@ -18,7 +18,8 @@ each. The ops (reference -> torch 2.13 CPU -> here):
   number)
   softmax of a bf16 tensor             float32, one rounding -> `softmax`
   LayerNorm, GroupNorm, HF RMSNorm     statistics and affine in float32, one rounding -> `LayerNorm`
-                                       (GroupNorm and RMSNorm in their modules, via `round_to`)
+                                       (torch's affine order: `(x * rstd - rstd * mean) * w + b`;
+                                       GroupNorm and RMSNorm in their modules, via `round_to`)
   F.scaled_dot_product_attention       the CPU flash kernel: scores, exp (its own `fexp_u20`) and
   (timm)                               row sums in float32, the unnormalised weights rounded for the
                                        product with v, one rounding at the end
@@ -176,8 +177,15 @@ class Conv(nn.Conv):
 
 
 class LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` (same attributes and params): statistics and affine in float32, one
-    rounding to `dtype` (`round_to`), as torch's LayerNorm kernel."""
+    """`nn.LayerNorm` (same attributes and params): float32 statistics, one rounding to `dtype`.
+
+    When `dtype` rounds (bf16), the affine part is torch's CPU kernel's: `rstd = 1 / sqrt(var +
+    eps)`, then `(x * rstd + (-rstd * mean)) * scale + bias` in float32 (pytorch/pytorch
+    aten/src/ATen/native/cpu/layer_norm_kernel.cpp, LayerNormKernelImplInternal: `scale =
+    rstd_val`, `bias = -rstd_val * mean_val`). Flax's `(x - mean) * (rsqrt(var + eps) * scale) +
+    bias` differs from it in the last float32 bits, which moved a bf16 rounding often enough to
+    break the bf16 sampling chain's bit agreement (tests/test_bf16.py). float32 keeps flax's form.
+    """
 
     @nn.compact
     def __call__(self, x, *, mask=None):
@@ -186,9 +194,22 @@ class LayerNorm(nn.LayerNorm):
         mean, var = normalization._compute_stats(
             x, self.reduction_axes, acc, self.axis_name, self.axis_index_groups,
             use_fast_variance=self.use_fast_variance, mask=mask, force_float32_reductions=self.force_float32_reductions)
-        y = normalization._normalize(
-            self, x, mean, var, self.reduction_axes, self.feature_axes, acc, self.param_dtype, self.epsilon,
-            self.use_bias, self.use_scale, self.bias_init, self.scale_init, self.force_float32_reductions)
+        if not rounds(dtype):
+            y = normalization._normalize(
+                self, x, mean, var, self.reduction_axes, self.feature_axes, acc, self.param_dtype, self.epsilon,
+                self.use_bias, self.use_scale, self.bias_init, self.scale_init, self.force_float32_reductions)
+            return round_to(y, dtype)
+        reduced = normalization._canonicalize_axes(x.ndim, self.reduction_axes)
+        mean, var = jnp.expand_dims(mean, reduced), jnp.expand_dims(var, reduced)
+        rstd = 1.0 / jnp.sqrt(var + self.epsilon)
+        y = x.astype(acc) * rstd + (-rstd * mean)
+        features = normalization._canonicalize_axes(x.ndim, self.feature_axes)
+        param_shape = tuple(x.shape[a] for a in features)
+        broadcast = tuple(x.shape[a] if a in features else 1 for a in range(x.ndim))
+        if self.use_scale:
+            y = y * self.param("scale", self.scale_init, param_shape, self.param_dtype).reshape(broadcast).astype(acc)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, param_shape, self.param_dtype).reshape(broadcast).astype(acc)
         return round_to(y, dtype)
 
 
