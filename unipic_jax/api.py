@@ -109,12 +109,15 @@ def check_image_size(config: UniPicConfig, size: int, width: Optional[int] = Non
 
 def check_sampling(config: UniPicConfig, *, size: int = DEFAULT_SIZE, steps: int = DEFAULT_STEPS,
                    cfg: float = 3.0, temperature: float = 1.0, batch: int = 1, height: Optional[int] = None,
-                   width: Optional[int] = None) -> None:
+                   width: Optional[int] = None, cfg_schedule: str = "constant", negative_prompt: bool = False,
+                   callback: Optional[Callable] = None) -> None:
     """Raise ValueError (one line) for sampling settings the model cannot run, before any work:
     a size that is not a positive multiple of 16 or whose image tokens overflow the context, more
     MAR steps than image tokens, a guidance scale or temperature that is negative or not finite,
-    a batch outside [1, MAX_BATCH]. `height` / `width` (each defaulting to `size`) give a
-    non-square image."""
+    a batch outside [1, MAX_BATCH], an unknown guidance schedule, a negative prompt without
+    guidance (`negative_prompt`: one was given; it replaces the unguided rows, which cfg = 1
+    drops), a step callback that is not callable. `height` / `width` (each defaulting to `size`)
+    give a non-square image."""
     height, width = size if height is None else height, size if width is None else width
     check_image_size(config, height, None if height == width else width)  # square: the `size` wording
     stride = config.mar.vae_stride * config.mar.patch_size
@@ -122,6 +125,12 @@ def check_sampling(config: UniPicConfig, *, size: int = DEFAULT_SIZE, steps: int
     _finite("cfg (guidance scale)", cfg, 0.0)
     _finite("temperature", temperature, 0.0)
     _count("batch", batch, 1, MAX_BATCH)
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"guidance schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+    if negative_prompt and cfg == 1.0:
+        raise ValueError("negative_prompt needs guidance (a guidance scale other than 1): it replaces the unguided rows")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback_on_step_end must be callable, got {callback!r:.60}")
 
 
 def check_caption(config: UniPicConfig, *, size: Optional[int] = None, path: str = "mar",
@@ -436,15 +445,11 @@ class UniPicPipeline:
         count = _count("num_images_per_prompt", num_images_per_prompt, 1, MAX_BATCH)
         height = DEFAULT_SIZE if height is None else height
         width = DEFAULT_SIZE if width is None else width
-        check_sampling(self.config, height=height, width=width, steps=num_inference_steps, cfg=guidance_scale,
-                       temperature=temperature, batch=count)
-        _check_schedule(guidance_schedule)
-        guided = guidance_scale != 1.0
         negatives = _per_prompt("negative_prompt", negative_prompt, len(texts))
-        if negatives is not None and not guided:
-            raise ValueError("negative_prompt needs guidance (guidance_scale != 1): it replaces the unguided rows")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError(f"callback_on_step_end must be callable, got {callback_on_step_end!r:.60}")
+        check_sampling(self.config, height=height, width=width, steps=num_inference_steps, cfg=guidance_scale,
+                       temperature=temperature, batch=count, cfg_schedule=guidance_schedule,
+                       negative_prompt=negatives is not None, callback=callback_on_step_end)
+        guided = guidance_scale != 1.0
         key, seeds = _keys(seed, generator, len(texts))
         grid, ids, mask = self._t2i_rows(texts, size=height, width=width, batch=count, guided=guided,
                                          negative=negatives)
@@ -532,13 +537,9 @@ class UniPicPipeline:
         texts = texts * count if len(texts) == 1 else texts
         if len(sources) != count or len(texts) != count:
             raise ValueError(f"{len(sources)} images and {len(texts)} prompts: give one of each, or lists of one length")
-        check_sampling(self.config, size=size, steps=steps, cfg=cfg, temperature=temperature, batch=count)
-        _check_schedule(cfg_schedule)
         negatives = _per_prompt("negative_prompt", negative_prompt, count)
-        if negatives is not None and cfg == 1.0:
-            raise ValueError("negative_prompt needs guidance (cfg != 1): it replaces the unguided rows")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError(f"callback_on_step_end must be callable, got {callback_on_step_end!r:.60}")
+        check_sampling(self.config, size=size, steps=steps, cfg=cfg, temperature=temperature, batch=count,
+                       cfg_schedule=cfg_schedule, negative_prompt=negatives is not None, callback=callback_on_step_end)
         for text in texts:
             prompts.edit_prompt(text, 1)  # empty instructions fail here, before any image is read
         keys, seeds = _keys(seed, None, count)
@@ -694,11 +695,6 @@ class UniPicPipeline:
 
 
 CFG_SCHEDULES = ("constant", "linear")  # `schedule.cfg_scales`
-
-
-def _check_schedule(schedule: str) -> None:
-    if schedule not in CFG_SCHEDULES:
-        raise ValueError(f"guidance schedule must be one of {', '.join(CFG_SCHEDULES)}, got {schedule!r}")
 
 
 def _per_prompt(name: str, value, count: int) -> Optional[list[str]]:
