@@ -542,6 +542,33 @@ def test_bit_agreement_with_torch_bf16(name):
     assert rate >= bound, f"{name}: {rate:.4%} of outputs bit-equal to torch's bf16, bound {bound:.1%}"
 
 
+def test_layer_norm_affine_in_torchs_order():
+    """With statistics that are exact in any summation order (each row is values on a 1/8 grid and
+    their negatives, shifted by a multiple of 1/2: the mean is the shift, every sum exact in
+    float32), LayerNorm's bf16 output is torch's kernel arithmetic bit for bit: `rstd = 1 /
+    sqrt(var + eps)` correctly rounded, then `(x * rstd + (-rstd * mean)) * w + b` as two fused
+    multiply-adds (XLA:CPU contracts them, as torch's vectorised kernel is compiled; emulated here
+    in float64, exact for these operands), rounded once. Flax's LayerNorm (`rsqrt`, `(x - mean) *
+    (rstd * w) + b`) differs on some outputs: the inputs tell the two apart, which the torch
+    comparison above cannot (torch's Welford statistics blur it)."""
+    rng = np.random.default_rng(7)
+    half = rng.integers(-32, 33, size=(512, 64)) / 8
+    shift = rng.integers(-4, 5, size=(512, 1)) / 2
+    x = rng.permuted(np.concatenate([half, -half], axis=1), axis=1).astype(np.float32) + np.float32(shift)
+    w = np.asarray(jnp.asarray(rng.normal(1.0, 0.2, 128), BF16), np.float32)
+    b = np.asarray(jnp.asarray(rng.normal(0.0, 0.2, 128), BF16), np.float32)
+    mean = x.mean(-1, keepdims=True, dtype=np.float64).astype(np.float32)
+    var = ((x.astype(np.float64) - mean) ** 2).mean(-1, keepdims=True).astype(np.float32)
+    rstd = np.float32(1) / np.sqrt(var + np.float32(1e-6))
+    fma = lambda p, q, r: (p.astype(np.float64) * q + r).astype(np.float32)
+    expected = fma(fma(x, rstd, -rstd * mean), w, b)
+    params = {"scale": jnp.asarray(w, BF16), "bias": jnp.asarray(b, BF16)}
+    bits = lambda a: np.asarray(jnp.asarray(a, BF16)).view(np.uint16)
+    np.testing.assert_array_equal(bits(run(mar._layer_norm(1e-6, BF16), params, jnp.asarray(x, BF16))), bits(expected))
+    flax_ln = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=BF16)
+    assert (bits(run(flax_ln, params, jnp.asarray(x, BF16))) != bits(expected)).any()
+
+
 def test_float32_path_has_no_rounding():
     """In float32 the helpers are the plain float32 ops (the float32 path must not move)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal(1000), jnp.float32)

@@ -201,7 +201,9 @@ class LayerNorm(nn.LayerNorm):
             return round_to(y, dtype)
         reduced = normalization._canonicalize_axes(x.ndim, self.reduction_axes)
         mean, var = jnp.expand_dims(mean, reduced), jnp.expand_dims(var, reduced)
-        rstd = 1.0 / jnp.sqrt(var + self.epsilon)
+        # torch divides by a correctly rounded sqrt; XLA would rewrite 1 / sqrt into its rsqrt,
+        # which is not correctly rounded on the CPU (differs in the last bit for ~half the rows).
+        rstd = 1.0 / lax.optimization_barrier(jnp.sqrt(var + self.epsilon))
         y = x.astype(acc) * rstd + (-rstd * mean)
         features = normalization._canonicalize_axes(x.ndim, self.feature_axes)
         param_shape = tuple(x.shape[a] for a in features)

@@ -9,8 +9,9 @@ head's float32 state (within 4e-6 of max|ref|) and the VAE decode (`pred`, 5e-3)
 What is left is float32 arithmetic in another order: oneDNN's convolution and GEMM sums against
 XLA's, torch's Welford statistics in LayerNorm and GroupNorm against a two-pass mean and variance,
 torch's float32 erf/tanh. Each moves a bf16 rounding for 1e-5 to 1e-3 of an op's outputs
-(tests/test_bf16_ops.py; GroupNorm on the i2t VAE encoder's 128 x 128 maps: about 6e-4). They cannot be matched in
-general: oneDNN's blocking and torch's vector width follow the CPU the fixtures were made on. The
+(tests/test_bf16_ops.py; GroupNorm on the i2t VAE encoder's 128 x 128 maps: about 6e-4). They
+cannot be matched in general: oneDNN's blocking and torch's vector width follow the CPU the
+fixtures were made on. The
 VAE encoder (i2t) meets such moves in every convolution and GroupNorm of its first levels; on
 another seed the sampling chain may meet one too, and the random-weight chain amplifies a one-ulp
 change in a token to the size of the reference's own bf16 rounding noise within a step or two.
