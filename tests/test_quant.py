@@ -180,3 +180,23 @@ def test_quantized_token_table_lookup_and_head():
         assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
         # and the quantization is no worse than int4's coarse grid allows (a wrong axis is ~1)
         assert quant.relative_error(params["embedding"], dense) < (0.01 if setting == "int8" else 0.15)
+
+
+def test_lora_merge_keeps_unadapted_kernels_quantized(pipe8):
+    """QLoRA's merge (`quant.lora_merge`): the adapted kernel is dequantized and gets its
+    `a @ b * scale`; every other QArray stays one (no float copy of the frozen base inside a train
+    step); `dequantize_params` then leaves no QArray (the merged checkpoint). Compared exactly:
+    `a @ b * scale` is exactly 1.0 here, so both sides make the same float32 addition."""
+    is_q = lambda _, x: isinstance(x, qwix.QArray)
+    flat = traverse_util.flatten_dict(pipe8.params, sep="/", is_leaf=is_q)
+    path = "mar/encoder_blocks_0/attn/qkv/kernel"
+    kernel = np.asarray(qwix.dequantize(flat[path]))
+    a = np.ones((kernel.shape[0], 2), np.float32)
+    b = np.full((2, kernel.shape[1]), 0.25, np.float32)
+    adapters = traverse_util.unflatten_dict({f"{path}/{quant.LORA_A}": a, f"{path}/{quant.LORA_B}": b}, sep="/")
+    merged = traverse_util.flatten_dict(quant.lora_merge(pipe8.params, adapters, 2.0), sep="/", is_leaf=is_q)
+    np.testing.assert_array_equal(np.asarray(merged[path]), (kernel + a @ b * 2.0).astype(kernel.dtype))
+    assert isinstance(merged["llm/embed_tokens/embedding"], qwix.QArray)
+    assert merged["llm/embed_tokens/embedding"] is flat["llm/embed_tokens/embedding"]
+    plain = quant.dequantize_params(quant.lora_merge(pipe8.params, adapters, 2.0))
+    assert not any(isinstance(x, qwix.QArray) for x in jax.tree.leaves(plain, is_leaf=lambda x: is_q(None, x)))

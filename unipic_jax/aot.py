@@ -87,10 +87,17 @@ class TopologySpec:
     chips_per_host_bounds: tuple[int, int, int]
     wrap: tuple[bool, bool, bool]
     num_slices: int = 1
+    platform = "tpu"
+    device_memory = None  # the TPU compiler refuses programs that do not fit
 
     @property
     def chips_per_slice(self) -> int:
         return math.prod(int(d) for d in self.name.split(":")[1].split("x"))
+
+    def describe(self, devices: Sequence) -> str:
+        """The header line of `compile`'s output for `devices` of this topology."""
+        return (f"topology {self.name} x {self.num_slices} slice(s): {len(devices)} {devices[0].device_kind} "
+                f"devices (chip config {self.chip_config_name}, wrap {self.wrap})")
 
 
 # Generation -> (libtpu prefix, number of dimensions, chip config, TensorCores per chip in slice names).
@@ -114,7 +121,7 @@ def parse_topology(text: str, num_slices: int = 1) -> "TopologySpec | GpuTarget"
     """A `TopologySpec` from a libtpu topology name or a Cloud TPU slice name, or a `GpuTarget` from a
     GPU preset name ("h100", "h100x8"; `parse_gpu_target`); ValueError otherwise."""
     text = text.strip().lower()
-    gpu = re.fullmatch(r"([a-z0-9]+?)(?:x([0-9]+))?", text)
+    gpu = _GPU_NAME.fullmatch(text)
     if gpu and gpu.group(1) in GPU_PRESETS:
         return parse_gpu_target(text, num_slices)
     match = re.fullmatch(r"([a-z0-9]+)[:=_]([0-9]+(?:x[0-9]+)*)", text)
@@ -170,7 +177,7 @@ def topology_mesh(spec: TopologySpec, mesh_spec: str | Mapping[str, int], device
     """A mesh with axes `sharding.MESH_AXES` over the topology's devices. With several slices the
     `data` axis is split as (slices x data per slice) over DCN and the rest stays inside a slice."""
     devices = topology_devices(spec) if devices is None else list(devices)
-    if isinstance(spec, GpuTarget) or spec.num_slices == 1:
+    if spec.num_slices == 1:
         return sharding.make_mesh(mesh_spec, devices=devices)
     from jax.experimental import mesh_utils
 
@@ -199,6 +206,7 @@ GPU_PRESETS: dict[str, tuple[str, Optional[int]]] = {
     "gpu24": ("a6000.txtpb", 24 * GIB),
 }
 MAX_GPUS_PER_HOST = 8
+_GPU_NAME = re.compile(r"([a-z0-9]+?)(?:x([0-9]+))?")  # "h100", "h100x8"
 # Fields of newer openxla/xla target configs that jaxlib 0.10.2's GpuTargetConfigProto lacks: with
 # any of them the whole text fails to parse ("Failed to parse GpuTargetConfigProto"), so they are
 # dropped (they describe the interconnect and scheduling limits, not the memory).
@@ -215,6 +223,7 @@ class GpuTarget:
     devices: int = 1
     memory_bytes: Optional[int] = None  # replaces the config's device_memory_size
     num_slices: int = 1  # one host, no DCN
+    platform = "cuda"
 
     def config_text(self) -> str:
         """The target config as jaxlib 0.10.2 parses it (newer fields dropped, memory replaced)."""
@@ -231,10 +240,16 @@ class GpuTarget:
         """Bytes of memory per GPU (the config's device_memory_size, or the preset's; read once)."""
         return int(re.search(r"device_memory_size: (\d+)", self.config_text()).group(1))
 
+    def describe(self, devices: Sequence) -> str:
+        """The header line of `compile`'s output for `devices` of this target."""
+        return (f"GPU target {self.name}: {len(devices)} {devices[0].device_kind} device(s) with "
+                f"{_gib(self.device_memory)} each (XLA target config {self.config_file}"
+                + (", memory size set by the preset" if self.memory_bytes else "") + ")")
+
 
 def parse_gpu_target(text: str, num_slices: int = 1) -> GpuTarget:
     """A `GpuTarget` from "PRESET" or "PRESETxN" (N GPUs of one host, 1 to 8); ValueError otherwise."""
-    match = re.fullmatch(r"([a-z0-9]+?)(?:x([0-9]+))?", text.strip().lower())
+    match = _GPU_NAME.fullmatch(text.strip().lower())
     if not match or match.group(1) not in GPU_PRESETS:
         raise ValueError(f"topology {text!r}: GPU presets are {', '.join(GPU_PRESETS)}, with xN for N GPUs")
     count = int(match.group(2) or 1)
@@ -486,11 +501,10 @@ def count_kernels(lowered_text: str, compiled_text: str = "") -> dict[str, int]:
     return counts
 
 
-def compile_program(program: Program, platform: Optional[str] = None,
-                    device_memory: Optional[int] = None) -> Report:
-    """Lower and compile `program` for `platform` (default: its mesh's); raises `CompileOOM` (one
-    line) when the TPU compiler finds it too large. `device_memory`: the card's bytes, kept in the
-    report (GPU targets; `Report.fits`)."""
+def compile_program(program: Program, platform: Optional[str] = None) -> Report:
+    """Lower and compile `program` for `platform` (default: its mesh's; compile-only CUDA devices
+    say "gpu", so pass the spec's "cuda"); raises `CompileOOM` (one line) when the TPU compiler
+    finds it too large."""
     start = time.perf_counter()
     try:
         mesh = program.mesh
@@ -515,7 +529,7 @@ def compile_program(program: Program, platform: Optional[str] = None,
         flops=float(cost.get("flops", 0.0)) if cost else None,
         bytes_accessed=float(cost.get("bytes accessed", 0.0)) if cost else None,
         collectives=count_collectives(hlo), kernels=count_kernels(lowered.as_text(), hlo),
-        parts=dict(program.parts), notes=list(program.notes), device_memory=device_memory)
+        parts=dict(program.parts), notes=list(program.notes))
 
 
 def _gib(n: float) -> str:
@@ -600,14 +614,7 @@ def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train
     devices = topology_devices(spec)
     grid = topology_mesh(spec, mesh, devices)
     sizes = " ".join(f"{a}={n}" for a, n in grid.shape.items())
-    gpu = isinstance(spec, GpuTarget)
-    if gpu:
-        echo(f"GPU target {spec.name}: {len(devices)} {devices[0].device_kind} device(s) with "
-             f"{_gib(spec.device_memory)} each (XLA target config {spec.config_file}"
-             + (", memory size set by the preset" if spec.memory_bytes else "") + f"); mesh {sizes}")
-    else:
-        echo(f"topology {spec.name} x {spec.num_slices} slice(s): {len(devices)} {devices[0].device_kind} devices "
-             f"(chip config {spec.chip_config_name}, wrap {spec.wrap}); mesh {sizes}")
+    echo(f"{spec.describe(devices)}; mesh {sizes}")
     if train:
         config = stage_for_compile(stage, model_config, batch=batch, resolution=resolution,
                                    und_resolution=und_resolution, dtype=dtype)
@@ -624,7 +631,7 @@ def compile_command(topology: str, *, model_config, mesh: str = "fsdp=-1", train
                                     dtype=dtype, quantize=quantize)
     reports = []
     for program in programs:
-        report = (compile_program(program, "cuda", spec.device_memory) if gpu else compile_program(program))
+        report = dataclasses.replace(compile_program(program, spec.platform), device_memory=spec.device_memory)
         echo(format_report(report))
         reports.append(report)
     if train:

@@ -128,7 +128,8 @@ def check_sampling(config: UniPicConfig, *, size: int = DEFAULT_SIZE, steps: int
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"guidance schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
     if negative_prompt and cfg == 1.0:
-        raise ValueError("negative_prompt needs guidance (a guidance scale other than 1): it replaces the unguided rows")
+        raise ValueError("negative_prompt needs guidance (a guidance scale other than 1): it replaces the "
+                         "unguided rows")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback_on_step_end must be callable, got {callback!r:.60}")
 
@@ -293,9 +294,9 @@ class UniPicPipeline:
         bf16 weights (restored straight into bf16) and activations, the model keeping norm
         statistics and the diffusion state in float32. `tokenizer` overrides the tokenizer folder
         (a Qwen2.5 folder). `quantize` "int8" or "int4" quantizes the weights of the LLM's, MAR's
-        and SigLIP2's blocks and the LLM's token table once, here (weight-only, `unipic_jax.quant`); None (the default) keeps
-        the faithful path. Raises ValueError (`checkpoint.CheckpointError`, `ConversionError`)
-        naming what is missing or damaged.
+        and SigLIP2's blocks and the LLM's token table once, here (weight-only,
+        `unipic_jax.quant`); None (the default) keeps the faithful path. Raises ValueError
+        (`checkpoint.CheckpointError`, `ConversionError`) naming what is missing or damaged.
         """
         from unipic_jax import compile_cache
         from unipic_jax.train import runs
@@ -425,8 +426,8 @@ class UniPicPipeline:
         of a longer list by the same call. `seed` a list gives one seed per prompt: prompt i's
         images are those of a call with that prompt alone and `seed[i]`: its draws are exactly
         that call's (`t2i.draws_per_key`), and the numbers agree to the sampling bound (another
-        batch shape runs another program), at most one uint8 level apart. `generator` a `jax.random` key, or one per prompt,
-        instead of seeds (recorded seed None). None draws a fresh seed.
+        batch shape runs another program), at most one uint8 level apart. `generator` a
+        `jax.random` key, or one per prompt, instead of seeds (recorded seed None). None draws a fresh seed.
 
         `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` is called after each MAR
         step (diffusers' convention): `step_index` 0..steps-1, `timestep` the image tokens still
@@ -539,7 +540,8 @@ class UniPicPipeline:
             raise ValueError(f"{len(sources)} images and {len(texts)} prompts: give one of each, or lists of one length")
         negatives = _per_prompt("negative_prompt", negative_prompt, count)
         check_sampling(self.config, size=size, steps=steps, cfg=cfg, temperature=temperature, batch=count,
-                       cfg_schedule=cfg_schedule, negative_prompt=negatives is not None, callback=callback_on_step_end)
+                       cfg_schedule=cfg_schedule, negative_prompt=negatives is not None,
+                       callback=callback_on_step_end)
         for text in texts:
             prompts.edit_prompt(text, 1)  # empty instructions fail here, before any image is read
         keys, seeds = _keys(seed, None, count)
@@ -553,8 +555,10 @@ class UniPicPipeline:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, shape in enumerate(shapes):
             groups.setdefault(shape, []).append(i)
-        for height, width in groups:
-            check_sampling(self.config, height=height, width=width, steps=steps, cfg=cfg, temperature=temperature)
+        if keep_aspect:  # the square case was checked above
+            for height, width in groups:
+                check_sampling(self.config, height=height, width=width, steps=steps, cfg=cfg,
+                               temperature=temperature)
         results: list[Optional[PipelineImage]] = [None] * count
         for (height, width), members in groups.items():
             grid, image_tokens = self._grid(height, width)

@@ -361,11 +361,9 @@ def _generate(args) -> int:
     height = args.size if args.height is None else args.height
     width = args.size if args.width is None else args.width
     check_sampling(_peek(args), size=args.size, height=height, width=width, steps=args.steps, cfg=args.cfg,
-                   temperature=args.temperature, batch=args.batch)
+                   temperature=args.temperature, batch=args.batch, negative_prompt=args.negative_prompt is not None)
     if args.negative_prompt is not None:
-        prompts.t2i_negative_prompt(args.negative_prompt)  # an empty one fails here, before the model loads
-    if args.negative_prompt is not None and args.cfg == 1.0:
-        raise ValueError("--negative-prompt needs guidance (--cfg other than 1)")
+        prompts.require_text(args.negative_prompt, "negative prompt")  # before the model loads
     pipe = _pipeline(args)
     settings = _sampling_settings(args)
     for job in jobs:  # every prompt is tokenised and checked before the first image is made
@@ -381,7 +379,7 @@ def _generate(args) -> int:
 
 
 def _edit(args) -> int:
-    from unipic_jax import images
+    from unipic_jax import images, prompts
     from unipic_jax.api import check_sampling, check_seed
 
     seed = None if args.seed is None else check_seed(args.seed)
@@ -390,10 +388,11 @@ def _edit(args) -> int:
     out = Path(args.out)
     _check_outputs([[out]], args.overwrite)
     config = _peek(args)
-    check_sampling(config, size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature)
+    check_sampling(config, size=args.size, steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                   negative_prompt=args.negative_prompt is not None)
+    if args.negative_prompt is not None:
+        prompts.require_text(args.negative_prompt, "negative prompt")
     source = images.load_image(args.image)
-    if args.negative_prompt is not None and not args.negative_prompt.strip():
-        raise ValueError("empty negative prompt: give some text")
     if args.keep_aspect:  # the shape the edit will have, checked before the model loads
         height, width = images.fit_to_budget(*source.size, args.size * args.size)
         check_sampling(config, height=height, width=width, steps=args.steps, cfg=args.cfg,

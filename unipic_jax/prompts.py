@@ -38,14 +38,15 @@ def chat(user_text: str) -> str:
     return INSTRUCTION.format(input=user_text)
 
 
-def _require_text(text: str, what: str) -> None:
+def require_text(text: str, what: str) -> None:
+    """Raise ValueError ("empty WHAT: give some text") unless `text` is a string with some text."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty {what}: give some text")
 
 
 def t2i_prompt(text: str) -> str:
     """Text-to-image prompt as `scripts/text2image.py` builds it (no stripping, no period)."""
-    _require_text(text, "prompt")
+    require_text(text, "prompt")
     return chat(T2I_PREFIX + text)
 
 
@@ -59,7 +60,7 @@ def t2i_negative_prompt(text: str) -> str:
     ("Generate an image: " + text in the chat template), so guidance moves from `text` towards the
     prompt within the same task. Not in the released scripts (their guidance row is
     `t2i_cfg_prompt`)."""
-    _require_text(text, "negative prompt")
+    require_text(text, "negative prompt")
     return chat(T2I_PREFIX + text)
 
 
@@ -83,19 +84,19 @@ def _with_image(num_image_tokens: int, text: str) -> str:
 
 def edit_prompt(text: str, num_image_tokens: int) -> str:
     """Editing prompt as `scripts/image_edit.py` builds it: placeholders, newline, stripped text."""
-    _require_text(text, "edit instruction")
+    require_text(text, "edit instruction")
     return _with_image(num_image_tokens, text.strip())
 
 
 def edit_cfg_prompt(num_image_tokens: int, text: str = EDIT_CFG_TEXT) -> str:
     """The unconditional (guidance) prompt of editing: the source image and "Repeat this image."."""
-    _require_text(text, "guidance prompt")
+    require_text(text, "guidance prompt")
     return _with_image(num_image_tokens, text.strip())
 
 
 def caption_prompt(num_image_tokens: int, question: str = CAPTION_TEXT) -> str:
     """Image-to-text prompt as `scripts/image2text.py` builds it (the question is not stripped)."""
-    _require_text(question, "question")
+    require_text(question, "question")
     return _with_image(num_image_tokens, question)
 
 

@@ -252,7 +252,8 @@ class Session:
                     x_con=None) -> Image.Image:
         from unipic_jax import api
 
-        api.check_sampling(self.model.config, size=size, steps=steps, cfg=cfg, temperature=temperature)
+        api.check_sampling(self.model.config, size=size, steps=steps, cfg=cfg, temperature=temperature,
+                           cfg_schedule=cfg_schedule)
         seed = api.new_seed() if seed is None else api.check_seed(seed)
         guided = cfg != 1.0
         rows = [self._pending + [cond]] + ([self._pending + [uncond]] if guided else [])
@@ -298,7 +299,8 @@ class Session:
         if image is None and self.image is None:
             raise ValueError("no image in the conversation yet: pass one")
         size = self.size if size is None else size
-        api.check_sampling(self.model.config, size=size, steps=steps, cfg=cfg, temperature=temperature)
+        api.check_sampling(self.model.config, size=size, steps=steps, cfg=cfg, temperature=temperature,
+                           cfg_schedule=cfg_schedule)  # before the source's features are computed
         seed = None if seed is None else api.check_seed(seed)
         _, count = self.pipe._grid(size)
         cond_text, uncond_text = prompts.edit_prompt(instruction, count), prompts.edit_cfg_prompt(count)
